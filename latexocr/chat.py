@@ -1,0 +1,96 @@
+"""What training and inference must agree on: the prompt, the image sizing, the chat messages, the labels.
+
+Both train.py and infer.py build their inputs here, so an image is never sized one way for training
+and another way for prediction.
+"""
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from qwen_vl_utils import fetch_image
+
+PROMPT = "Write the formula in this image as LaTeX."
+# Qwen2-VL turns every 28x28 px block into one token. Formulas are wide and short: the bounds keep the
+# aspect ratio, lift tiny crops to at least 32 tokens and cap large ones at 512 tokens.
+MIN_PIXELS = 32 * 28 * 28
+MAX_PIXELS = 512 * 28 * 28
+IGNORE_INDEX = -100  # label value the loss skips
+END_OF_ANSWER = "<|im_end|>"
+
+
+def load_image(path: str | Path | Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
+    """Open an image as RGB on white (transparency flattened) and resize it to whole 28 px blocks."""
+    image = path if isinstance(path, Image.Image) else Image.open(path)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bits
+        image = image.point(lambda v: v / 256).convert("L")
+    if image.mode == "P" or image.mode in ("LA", "PA"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, "white")
+        background.paste(image, mask=image.getchannel("A"))
+        image = background
+    image = image.convert("RGB")
+    return fetch_image({"image": image, "min_pixels": min_pixels, "max_pixels": max_pixels})
+
+
+def messages(prompt: str) -> list[dict]:
+    """One user turn: the image, then the instruction."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+
+
+def prompt_text(processor, prompt: str) -> str:
+    """The chat-formatted prompt up to and including the assistant header."""
+    return processor.apply_chat_template(messages(prompt), tokenize=False, add_generation_prompt=True)
+
+
+def encode_example(processor, image: Image.Image, answer: str, prompt: str) -> dict[str, torch.Tensor]:
+    """Tokens of prompt + answer + <|im_end|>, with labels only on the answer and the end token."""
+    inputs = processor(text=[prompt_text(processor, prompt)], images=[image], return_tensors="pt")
+    tokenizer = processor.tokenizer
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    answer_ids = torch.tensor(answer_ids + [tokenizer.convert_tokens_to_ids(END_OF_ANSWER)])
+    prompt_ids = inputs["input_ids"][0]
+    return {
+        "input_ids": torch.cat([prompt_ids, answer_ids]),
+        "attention_mask": torch.ones(len(prompt_ids) + len(answer_ids), dtype=torch.long),
+        "labels": torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids]),
+        "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"][0], torch.zeros_like(answer_ids)]),
+        "pixel_values": inputs["pixel_values"],
+        "image_grid_thw": inputs["image_grid_thw"],
+    }
+
+
+def pad_examples(examples: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token sequences; images of any size are concatenated patch lists, as Qwen2-VL expects."""
+    length = max(len(e["input_ids"]) for e in examples)
+    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, "mm_token_type_ids": 0}
+    batch = {key: torch.full((len(examples), length), value, dtype=torch.long) for key, value in fill.items()}
+    for row, example in enumerate(examples):
+        for key in fill:
+            batch[key][row, :len(example[key])] = example[key]
+    batch["pixel_values"] = torch.cat([e["pixel_values"] for e in examples])
+    batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in examples])
+    return batch
+
+
+class TrainCollator:
+    """Turns samples (image path + LaTeX) into a training batch, opening and sizing images on the fly.
+
+    It runs in the DataLoader's worker processes, so nothing but paths and text is ever cached.
+    """
+
+    def __init__(self, processor, prompt: str, min_pixels: int, max_pixels: int):
+        self.processor, self.prompt = processor, prompt
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+
+    def __call__(self, samples) -> dict[str, torch.Tensor]:
+        examples = [encode_example(self.processor, load_image(s.image, self.min_pixels, self.max_pixels),
+                                   s.text, self.prompt) for s in samples]
+        return pad_examples(examples, self.processor.tokenizer.pad_token_id)
+
+
+def encode_prompts(processor, images: list[Image.Image], prompt: str):
+    """A left-padded batch of prompts for generation (the new tokens then line up at the right)."""
+    text = [prompt_text(processor, prompt)] * len(images)
+    return processor(text=text, images=images, padding=True, padding_side="left", return_tensors="pt")

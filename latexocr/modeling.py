@@ -1,0 +1,79 @@
+"""Finding, loading and running the model: the same code for train.py and infer.py."""
+
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from latexocr import chat
+
+TINY_MODEL_ID = "tiny-random"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LATEXOCR_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "latexocr"
+    return Path(root)
+
+
+def resolve_model(model_id: str) -> Path:
+    """A local folder for `model_id`: the tiny random model (built once), a local path, or a ModelScope download."""
+    if model_id == TINY_MODEL_ID:
+        folder = cache_dir() / "tiny-random-qwen2-vl"
+        if not (folder / "config.json").is_file():
+            from latexocr import tiny
+            print(f"building the tiny random Qwen2-VL in {folder} (once; a few seconds)")
+            tiny.build_model_folder(folder)
+        return folder
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise SystemExit(f"model_id {model_id}: the folder has no config.json, so it is not a model folder. "
+                             "Point --model_id at the folder that holds config.json and the *.safetensors files.")
+        return local
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
+        raise SystemExit(f"model_id {model_id}: no such folder, and not a ModelScope id like "
+                         "'Qwen/Qwen2-VL-2B-Instruct'. Use --model_id=tiny-random to run offline.")
+    from modelscope import snapshot_download
+    try:
+        return Path(snapshot_download(model_id))
+    except Exception as e:  # network, unknown id, permissions: all end the run the same way
+        raise SystemExit(f"could not download {model_id} from ModelScope ({type(e).__name__}: {e}).\n"
+                         "Check the id and the network; offline, download it elsewhere and pass "
+                         "--model_id=/path/to/that/folder, or try the pipeline with --model_id=tiny-random.") from None
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_base_model(model_dir: Path, device: str, place: bool = True):
+    """The base model in bf16 for a GPU (fp32 for a CPU) and its processor. No remote code is ever run.
+
+    place=False leaves the weights on the CPU for a Trainer to move (to each process's own GPU).
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    return (model.to(device) if place else model), processor
+
+
+@torch.inference_mode()
+def predict(model, processor, images: list, prompt: str, min_pixels: int, max_pixels: int,
+            batch_size: int = 16, max_new_tokens: int = 256, show_progress: bool = True) -> list[str]:
+    """Greedy LaTeX for each image (path or PIL image), batched with left padding, stopping at <|im_end|>."""
+    model.eval()
+    tokenizer = processor.tokenizer
+    end_id = tokenizer.convert_tokens_to_ids(chat.END_OF_ANSWER)
+    device = next(model.parameters()).device
+    predictions = []
+    for start in tqdm(range(0, len(images), batch_size), desc="predicting", unit="batch",
+                      disable=not show_progress):
+        batch = [chat.load_image(x, min_pixels, max_pixels) for x in images[start:start + batch_size]]
+        inputs = chat.encode_prompts(processor, batch, prompt).to(device)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end_id,
+                                pad_token_id=tokenizer.pad_token_id)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        predictions += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return predictions

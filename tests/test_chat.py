@@ -1,0 +1,92 @@
+"""The contract between training and inference: sizing, messages, labels, batches."""
+
+import torch
+from PIL import Image
+
+from latexocr import chat
+from latexocr.data import Sample
+
+
+def formula_image(width: int, height: int, mode: str = "RGB") -> Image.Image:
+    image = Image.new(mode, (width, height), "white" if mode == "RGB" else (0, 0, 0, 0))
+    ink = (0, 0, 0) if mode == "RGB" else (0, 0, 0, 255)
+    for x in range(width // 10, width - width // 10):
+        image.putpixel((x, height // 2), ink)
+    return image
+
+
+def test_wide_images_stay_wide_in_whole_28px_blocks():
+    # The tutorial trained on 500x100 (h x w) and predicted on 100x500; sizing keeps the aspect ratio instead.
+    sized = chat.load_image(formula_image(500, 100), chat.MIN_PIXELS, chat.MAX_PIXELS)
+    width, height = sized.size
+    assert width % 28 == 0 and height % 28 == 0
+    assert width > 3 * height
+    assert abs(width / height - 5) < 1.0
+    assert chat.MIN_PIXELS <= width * height <= chat.MAX_PIXELS
+
+
+def test_tiny_and_huge_images_are_bounded_by_min_and_max_pixels():
+    small = chat.load_image(formula_image(60, 20), chat.MIN_PIXELS, chat.MAX_PIXELS)
+    large = chat.load_image(formula_image(3000, 600), chat.MIN_PIXELS, chat.MAX_PIXELS)
+    assert small.size[0] * small.size[1] >= chat.MIN_PIXELS
+    assert large.size[0] * large.size[1] <= chat.MAX_PIXELS
+
+
+def test_transparent_images_are_flattened_on_white():
+    sized = chat.load_image(formula_image(300, 60, mode="RGBA"), chat.MIN_PIXELS, chat.MAX_PIXELS)
+    assert sized.mode == "RGB"
+    assert sized.getpixel((0, 0)) == (255, 255, 255)
+    assert sized.convert("L").getextrema()[0] < 128  # the ink survived
+
+
+def test_labels_cover_the_answer_and_end_with_im_end(processor):
+    answer = r"\frac { a } { b } + x ^ { 2 }"
+    example = chat.encode_example(processor, chat.load_image(formula_image(300, 60), chat.MIN_PIXELS,
+                                                             chat.MAX_PIXELS), answer, chat.PROMPT)
+    labels, input_ids = example["labels"], example["input_ids"]
+    tokenizer = processor.tokenizer
+    trained = labels[labels != chat.IGNORE_INDEX]
+    assert tokenizer.decode(trained) == answer + "<|im_end|>"
+    assert trained[-1].item() == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert trained[-1].item() != tokenizer.pad_token_id
+    # Everything before the answer is masked: the prompt, the image tokens, the assistant header.
+    first = (labels != chat.IGNORE_INDEX).nonzero()[0].item()
+    assert tokenizer.decode(input_ids[:first]).endswith("<|im_start|>assistant\n")
+    assert (labels[first:] == input_ids[first:]).all()
+    image_tokens = (input_ids == processor.image_token_id).sum().item()
+    t, h, w = example["image_grid_thw"][0].tolist()
+    assert image_tokens == t * h * w // 4
+    assert (example["mm_token_type_ids"] == (input_ids == processor.image_token_id).long()).all()
+
+
+def test_training_prompt_is_exactly_the_inference_prompt(processor):
+    image = chat.load_image(formula_image(300, 60), chat.MIN_PIXELS, chat.MAX_PIXELS)
+    example = chat.encode_example(processor, image, "x", chat.PROMPT)
+    generation = chat.encode_prompts(processor, [image], chat.PROMPT)
+    prompt_ids = generation["input_ids"][0]
+    assert torch.equal(example["input_ids"][:len(prompt_ids)], prompt_ids)
+    assert torch.equal(example["pixel_values"], generation["pixel_values"])
+
+
+def test_collator_batches_images_of_different_sizes(processor, tiny_model_dir, tmp_path):
+    sizes = [(300, 60), (120, 90), (700, 40)]
+    samples = []
+    for i, size in enumerate(sizes):
+        path = tmp_path / f"{i}.png"
+        formula_image(*size).save(path)
+        samples.append(Sample(str(i), path, "x ^ { %d }" % i))
+    collator = chat.TrainCollator(processor, chat.PROMPT, chat.MIN_PIXELS, chat.MAX_PIXELS)
+    batch = collator(samples)
+    grids = batch["image_grid_thw"]
+    assert grids.shape == (3, 3) and len({tuple(g.tolist()) for g in grids}) == 3
+    assert batch["pixel_values"].shape[0] == grids.prod(dim=1).sum().item()
+    lengths = batch["attention_mask"].sum(dim=1)
+    assert batch["input_ids"].shape == (3, lengths.max().item())
+    for row, length in enumerate(lengths.tolist()):  # right padding: labels and attention stop at the padding
+        assert (batch["labels"][row, length:] == chat.IGNORE_INDEX).all()
+        assert (batch["input_ids"][row, length:] == processor.tokenizer.pad_token_id).all()
+        assert batch["labels"][row, length - 1].item() == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    from transformers import AutoModelForImageTextToText
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    loss = model(**batch).loss
+    assert torch.isfinite(loss) and loss.item() > 0
