@@ -1,0 +1,90 @@
+"""Predict LaTeX for formula images with the base model plus the LoRA adapter that train.py saved.
+
+Reads:  output/Qwen2-VL-2B-LatexOCR/ (adapter + train_config.json: base model, prompt, image sizing),
+        and IMAGE: an image file, a folder of images, or a conversation JSON (default: the val JSON
+        training used, so ground truth is there and the predictions are scored)
+Writes: output/Qwen2-VL-2B-LatexOCR/infer/predictions.jsonl (and metrics.json when there is ground truth)
+Run:    python infer.py
+        python infer.py --image=formula.png
+        python infer.py --adapter=none          (the base model alone, to see what fine-tuning bought)
+"""
+
+import json
+from pathlib import Path
+
+from latexocr.config import apply_overrides
+
+# -----------------------------------------------------------------------------
+OUTPUT_DIR = "output/Qwen2-VL-2B-LatexOCR"  # train.py's output folder
+ADAPTER = ""  # adapter folder; "" = OUTPUT_DIR; none = the base model alone
+MODEL_ID = ""  # base model; "" = the one recorded in OUTPUT_DIR/train_config.json
+IMAGE = ""  # image file, folder of images, or conversation JSON; "" = the val JSON used in training
+RESULTS_DIR = ""  # where predictions go; "" = OUTPUT_DIR/infer (OUTPUT_DIR/infer-base with --adapter=none)
+BATCH_SIZE = 16  # images per generation batch
+MAX_NEW_TOKENS = 256  # generation cap per formula
+DEVICE = "auto"  # auto (CUDA if present) | cuda | cpu
+# -----------------------------------------------------------------------------
+config = apply_overrides(globals())
+
+# --- setup -------------------------------------------------------------------
+from latexocr import evaluate, modeling  # noqa: E402
+from latexocr.data import Sample, atomic_write_text, read_conversations  # noqa: E402
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+config_path = Path(OUTPUT_DIR) / "train_config.json"
+if not config_path.is_file():
+    raise SystemExit(f"{config_path} not found: {OUTPUT_DIR} is not a folder written by train.py. "
+                     "Train first, or pass --output_dir=<train.py's output_dir>.")
+train_config = json.loads(config_path.read_text())
+use_adapter = ADAPTER.lower() != "none"
+adapter_dir = Path(ADAPTER or OUTPUT_DIR)
+results_dir = Path(RESULTS_DIR or Path(OUTPUT_DIR) / ("infer" if use_adapter else "infer-base"))
+device = modeling.default_device() if DEVICE == "auto" else DEVICE
+prompt, min_pixels, max_pixels = train_config["prompt"], train_config["min_pixels"], train_config["max_pixels"]
+
+# --- data --------------------------------------------------------------------
+if not (IMAGE or train_config["val_json_path"]):
+    raise SystemExit("no --image given, and training had no val set to default to: pass --image=<file, folder or JSON>.")
+source = Path(IMAGE or train_config["val_json_path"])
+if source.suffix.lower() == ".json":
+    samples = read_conversations(source)
+elif source.is_dir():
+    samples = [Sample(p.name, p.resolve(), "") for p in sorted(source.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not samples:
+        raise SystemExit(f"{source}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder.")
+elif source.is_file():
+    samples = [Sample(source.name, source.resolve(), "")]
+else:
+    raise SystemExit(f"--image={source}: no such file or folder. Give an image, a folder of images or a JSON.")
+missing = [s for s in samples if not s.image.is_file()]
+if missing:
+    raise SystemExit(f"{source}: image not found for {missing[0].id}: {missing[0].image} ({len(missing)} missing)")
+has_references = all(s.text for s in samples)
+print(f"data: {len(samples)} image(s) from {source}" + (" with ground truth" if has_references else ""))
+
+# --- model -------------------------------------------------------------------
+model_id = MODEL_ID or train_config["model_id"]
+model, processor = modeling.load_base_model(modeling.resolve_model(model_id), device)
+if use_adapter:
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise SystemExit(f"{adapter_dir}: no adapter_model.safetensors. Train first, or pass --adapter=<folder> "
+                         "(--adapter=none predicts with the base model alone).")
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(model, adapter_dir)
+print(f"model: {model_id}" + (f" + adapter {adapter_dir}" if use_adapter else " (no adapter)") + f" on {device}")
+
+# --- predict -----------------------------------------------------------------
+if has_references:
+    evaluate.evaluate(model, processor, samples, prompt, min_pixels, max_pixels, results_dir, BATCH_SIZE,
+                      MAX_NEW_TOKENS)
+else:
+    predictions = modeling.predict(model, processor, [s.image for s in samples], prompt, min_pixels, max_pixels,
+                                   BATCH_SIZE, MAX_NEW_TOKENS)
+    for sample, prediction in zip(samples, predictions):
+        print(f"{sample.image}: {prediction}")
+    atomic_write_text(results_dir / "predictions.jsonl",
+                      "".join(json.dumps(dict(id=s.id, image=str(s.image), prediction=p), ensure_ascii=False) + "\n"
+                              for s, p in zip(samples, predictions)))
+
+# --- summary -----------------------------------------------------------------
+print(f"done: {len(samples)} prediction(s) in {results_dir / 'predictions.jsonl'}")

@@ -1,0 +1,95 @@
+"""The four scripts run as a user runs them, offline, on the tiny random model."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import run_script
+from latexocr.data import read_conversations, read_csv, write_conversations
+
+ADAPTER_DIR = "output/Qwen2-VL-2B-LatexOCR"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The offline block of the README, verbatim, in an empty folder."""
+    folder = tmp_path_factory.mktemp("demo")
+    outputs = {
+        "data2csv": run_script("data2csv.py", "--source=synthetic", "--max_data_number=64", cwd=folder),
+        "csv2json": run_script("csv2json.py", cwd=folder),
+        "train": run_script("train.py", "--model_id=tiny-random", "--max_steps=20", cwd=folder),
+        "infer": run_script("infer.py", cwd=folder),
+    }
+    return folder, outputs
+
+
+def test_data_steps_write_what_the_next_step_reads(demo):
+    folder, outputs = demo
+    rows = read_csv(folder / "latex_ocr_train.csv")
+    assert len(rows) == 64 and all(image.is_file() for _, image, _ in rows)
+    train = read_conversations(folder / "latex_ocr_train.json")
+    val = read_conversations(folder / "latex_ocr_val.json")
+    assert len(val) == 6 and len(train) == 58
+    assert {s.text for s in train + val} == {text for _, _, text in rows}
+    assert "done: 64 rows -> latex_ocr_train.csv" in outputs["data2csv"].stdout
+    assert "done: 58 train -> latex_ocr_train.json, 6 val -> latex_ocr_val.json" in outputs["csv2json"].stdout
+
+
+def test_train_saves_adapter_processor_and_the_config_it_used(demo):
+    folder, outputs = demo
+    adapter = folder / ADAPTER_DIR
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert weights and all("lora_" in name for name in weights)
+    assert not list(adapter.glob("*.bin")) and not list(adapter.glob("*.pt"))
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 64 and adapter_config["lora_alpha"] == 16
+    assert set(adapter_config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj"}
+    config = json.loads((adapter / "train_config.json").read_text())
+    assert config["model_id"] == "tiny-random" and config["max_steps"] == 20 and config["lora_rank"] == 64
+    assert config["min_pixels"] > 0 and config["prompt"] and config["versions"]["transformers"]
+    assert (adapter / "processor_config.json").is_file() and (adapter / "chat_template.jinja").is_file()
+    state = json.loads(next(adapter.glob("checkpoint-*/trainer_state.json")).read_text())
+    assert state["global_step"] == 20
+    train_out = outputs["train"].stdout
+    assert "step 20/20 | loss" in train_out and "samples/s" in train_out
+    assert "logging locally to ./swanlog" in train_out and (folder / "swanlog").is_dir()
+    assert "predicted:" in train_out and (adapter / "eval" / "predictions.jsonl").is_file()
+
+
+def test_infer_predicts_the_val_set_by_default(demo):
+    folder, outputs = demo
+    predictions = [json.loads(line) for line in (folder / ADAPTER_DIR / "infer" / "predictions.jsonl").open()]
+    val = read_conversations(folder / "latex_ocr_val.json")
+    assert [p["reference"] for p in predictions] == [s.text for s in val]
+    assert all(isinstance(p["prediction"], str) for p in predictions)
+    assert outputs["infer"].stdout.count("predicted:") == len(val)
+    assert "exact_match" in outputs["infer"].stdout
+    metrics = json.loads((folder / ADAPTER_DIR / "infer" / "metrics.json").read_text())
+    assert metrics["n"] == len(val)
+
+
+def test_infer_takes_an_image_or_a_folder(demo):
+    folder, _ = demo
+    one = run_script("infer.py", "--image=LaTeX_OCR/0.png", "--max_new_tokens=8", cwd=folder)
+    assert "LaTeX_OCR/0.png: " in one.stdout and "done: 1 prediction(s)" in one.stdout
+    many = run_script("infer.py", "--image=LaTeX_OCR", "--max_new_tokens=4", "--results_dir=folder_run", cwd=folder)
+    assert "done: 64 prediction(s)" in many.stdout
+    assert len((folder / "folder_run" / "predictions.jsonl").read_text().splitlines()) == 64
+
+
+def test_learning_the_pipeline_can_overfit_eight_formulas_exactly(tmp_path):
+    """Wrong labels, a wrong end token or images paired with the wrong text all make this fail."""
+    run_script("data2csv.py", "--source=synthetic", "--max_data_number=40", cwd=tmp_path)
+    # Formulas of up to 60 characters (a third of a real one): enough for a 64-wide model in 300 steps.
+    rows = [(image, text) for _, image, text in read_csv(tmp_path / "latex_ocr_train.csv") if len(text) <= 60]
+    write_conversations(tmp_path / "eight.json", rows[:8])
+    run_script("train.py", "--model_id=tiny-random", "--train_json_path=eight.json", "--val_json_path=",
+               "--batch_size=8", "--gradient_accumulation_steps=1", "--max_steps=300", "--learning_rate=3e-3",
+               "--lr_scheduler_type=constant", "--logging_steps=50", "--save_steps=1000", "--swanlab_mode=disabled",
+               "--num_workers=0", cwd=tmp_path)
+    result = run_script("infer.py", "--image=eight.json", cwd=tmp_path)
+    predictions = [json.loads(line) for line in (tmp_path / ADAPTER_DIR / "infer" / "predictions.jsonl").open()]
+    wrong = [(p["prediction"], p["reference"]) for p in predictions if p["prediction"] != p["reference"]]
+    assert len(predictions) == 8 and not wrong, result.stdout

@@ -1,0 +1,197 @@
+"""Fine-tune Qwen2-VL-2B-Instruct with LoRA into a LaTeX OCR model, then score it on the val set.
+
+Reads:  latex_ocr_train.json, latex_ocr_val.json (written by csv2json.py)
+Writes: output/Qwen2-VL-2B-LatexOCR/ with adapter_model.safetensors, adapter_config.json, the processor,
+        train_config.json (the configuration this run used) and eval/ (val predictions and metrics);
+        checkpoints in output/Qwen2-VL-2B-LatexOCR/checkpoint-*; SwanLab logs in ./swanlog
+Run:    python train.py                                          (a CUDA GPU, ~20 GB)
+        python train.py --model_id=tiny-random --max_steps=20   (offline, CPU, a tiny random model)
+"""
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from latexocr import chat
+from latexocr.config import apply_overrides
+
+# -----------------------------------------------------------------------------
+MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # ModelScope id, a local model folder, or tiny-random
+TRAIN_JSON_PATH = "latex_ocr_train.json"  # from csv2json.py
+VAL_JSON_PATH = "latex_ocr_val.json"  # from csv2json.py; scored after training; "" = no scoring
+OUTPUT_DIR = "output/Qwen2-VL-2B-LatexOCR"  # adapter, processor, config, checkpoints, eval results
+PROMPT = chat.PROMPT  # the instruction after the image; infer.py reads it from train_config.json
+MIN_PIXELS = chat.MIN_PIXELS  # px per image, lower bound (28x28 px = one image token)
+MAX_PIXELS = chat.MAX_PIXELS  # px per image, upper bound; aspect ratio kept
+LORA_RANK = 64
+LORA_ALPHA = 16
+LORA_DROPOUT = 0.05
+LORA_TARGET_MODULES = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # comma-separated
+BATCH_SIZE = 4  # samples per micro-batch
+GRADIENT_ACCUMULATION_STEPS = 4  # micro-batches per optimizer step
+LEARNING_RATE = 1e-4
+LR_SCHEDULER_TYPE = "linear"  # linear (decay to 0) | constant | cosine | ...
+NUM_TRAIN_EPOCHS = 2
+MAX_STEPS = -1  # optimizer steps; -1 = run NUM_TRAIN_EPOCHS
+GRADIENT_CHECKPOINTING = True  # GPU only: less memory for ~30% more compute
+LOGGING_STEPS = 10  # optimizer steps between progress lines
+SAVE_STEPS = 100  # optimizer steps between checkpoints
+NUM_WORKERS = min(4, os.cpu_count() or 1)  # DataLoader processes that open and size images
+SEED = 42
+DEVICE = "auto"  # auto (CUDA if present) | cuda | cpu
+SWANLAB_MODE = "auto"  # auto (cloud if logged in, else local) | cloud | local | offline | disabled
+SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"
+SWANLAB_EXPERIMENT = "qwen2-vl-2b-lora"
+EVAL_BATCH_SIZE = 16  # images per generation batch
+EVAL_MAX_NEW_TOKENS = 256  # generation cap per formula (real formulas: p95 ~112 tokens)
+# -----------------------------------------------------------------------------
+config = apply_overrides(globals())
+
+# --- setup -------------------------------------------------------------------
+import transformers  # noqa: E402  (imported after the overrides so --help is instant)
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
+from transformers.trainer_callback import ProgressCallback  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from latexocr import evaluate, modeling  # noqa: E402
+from latexocr.data import read_conversations  # noqa: E402
+
+if DEVICE == "auto":
+    DEVICE = modeling.default_device()
+    if DEVICE == "cpu" and MODEL_ID != modeling.TINY_MODEL_ID:
+        raise SystemExit(f"No CUDA GPU found. Training {MODEL_ID} on a CPU would take days.\n"
+                         "To try the whole pipeline on this CPU, use the tiny random model:\n"
+                         "  python train.py --model_id=tiny-random --max_steps=20\n"
+                         "To train on the CPU anyway, pass --device=cpu.")
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    raise SystemExit("--device=cuda, but torch sees no CUDA GPU. Check the driver, or use --device=cpu.")
+on_gpu = DEVICE == "cuda"
+rank = int(os.environ.get("RANK", "0"))
+main_process = rank == 0
+transformers.set_seed(SEED)
+
+
+def swanlab_mode(requested: str) -> str:
+    """Cloud only with credentials, so a run never stops at a login prompt."""
+    if requested != "auto":
+        return requested
+    credentials = [Path.cwd() / ".swanlab" / ".netrc",
+                   Path(os.environ.get("SWANLAB_ROOT", Path.home() / ".swanlab")) / ".netrc"]
+    if os.environ.get("SWANLAB_API_KEY") or any(p.is_file() for p in credentials):
+        return "cloud"
+    return "local"
+
+
+class ProgressLine(ProgressCallback):
+    """The progress bar, plus one compact line per logging interval instead of a dict dump."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self.last_time, self.last_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        now = time.perf_counter()
+        samples = (state.global_step - self.last_step) * args.train_batch_size * \
+            args.gradient_accumulation_steps * args.world_size
+        speed = samples / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, state.global_step
+        memory = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if on_gpu else ""
+        tqdm.write(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
+                   f"grad_norm {logs.get('grad_norm', float('nan')):.3f} | lr {logs.get('learning_rate', 0):.2e} | "
+                   f"{speed:.1f} samples/s{memory}")
+
+
+# --- data --------------------------------------------------------------------
+train_samples = read_conversations(TRAIN_JSON_PATH)
+val_samples = read_conversations(VAL_JSON_PATH) if VAL_JSON_PATH else []
+for path, samples in ((TRAIN_JSON_PATH, train_samples), (VAL_JSON_PATH, val_samples)):
+    missing = [s for s in samples if not s.image.is_file()]
+    if missing:
+        raise SystemExit(f"{path}: {len(missing)} image(s) not found, e.g. record {missing[0].id}: "
+                         f"{missing[0].image}. Rerun data2csv.py and csv2json.py, or fix the paths.")
+if not train_samples:
+    raise SystemExit(f"{TRAIN_JSON_PATH} has no samples. Run data2csv.py and csv2json.py first.")
+print(f"data: {len(train_samples)} training samples from {TRAIN_JSON_PATH}, "
+      f"{len(val_samples)} val samples from {VAL_JSON_PATH}")
+
+# --- model -------------------------------------------------------------------
+model_dir = modeling.resolve_model(MODEL_ID)
+model, processor = modeling.load_base_model(model_dir, DEVICE, place=False)
+lora = LoraConfig(task_type="CAUSAL_LM", r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
+                  target_modules=[m.strip() for m in LORA_TARGET_MODULES.split(",") if m.strip()])
+model = get_peft_model(model, lora)
+trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+total = sum(p.numel() for p in model.parameters())
+print(f"model: {MODEL_ID} from {model_dir}; LoRA r={LORA_RANK} trains {trainable:,} of {total:,} parameters "
+      f"({100 * trainable / total:.2f}%) on {DEVICE}")
+
+# The configuration this run uses: saved next to the adapter, logged to SwanLab, read back by infer.py.
+run_config = dict(config, device=DEVICE, model_dir=str(model_dir), train_samples=len(train_samples),
+                  val_samples=len(val_samples), trainable_parameters=trainable,
+                  effective_batch_size=BATCH_SIZE * GRADIENT_ACCUMULATION_STEPS * int(os.environ.get("WORLD_SIZE", "1")),
+                  versions=dict(python=platform.python_version(), torch=torch.__version__,
+                                transformers=transformers.__version__,
+                                peft=__import__("peft").__version__))
+
+# --- train -------------------------------------------------------------------
+callbacks = []
+tracking = swanlab_mode(SWANLAB_MODE)
+if tracking != "disabled" and main_process:
+    from swanlab.integration.transformers import SwanLabCallback
+    swanlab_callback = SwanLabCallback(project=SWANLAB_PROJECT, experiment_name=SWANLAB_EXPERIMENT, mode=tracking)
+    swanlab_callback.update_config(run_config)
+    callbacks.append(swanlab_callback)
+    if tracking == "local":
+        print("SwanLab: no login found, logging locally to ./swanlog. View with `swanlab watch ./swanlog` "
+              "(pip install 'swanlab[dashboard]'); log in with `swanlab login` for the cloud.")
+    else:
+        print(f"SwanLab: mode {tracking}, project {SWANLAB_PROJECT}")
+
+args = TrainingArguments(
+    output_dir=OUTPUT_DIR, per_device_train_batch_size=BATCH_SIZE,
+    gradient_accumulation_steps=GRADIENT_ACCUMULATION_STEPS, learning_rate=LEARNING_RATE, lr_scheduler_type=LR_SCHEDULER_TYPE,
+    num_train_epochs=NUM_TRAIN_EPOCHS, max_steps=MAX_STEPS, logging_steps=LOGGING_STEPS, logging_first_step=True,
+    save_steps=SAVE_STEPS, save_total_limit=2, seed=SEED, data_seed=SEED, bf16=on_gpu,
+    use_cpu=not on_gpu, activation_checkpointing=on_gpu and GRADIENT_CHECKPOINTING,
+    dataloader_num_workers=NUM_WORKERS, dataloader_persistent_workers=NUM_WORKERS > 0,
+    remove_unused_columns=False, report_to="none")
+trainer = Trainer(model=model, args=args, train_dataset=train_samples,
+                  data_collator=chat.TrainCollator(processor, PROMPT, MIN_PIXELS, MAX_PIXELS), callbacks=callbacks)
+trainer.remove_callback(ProgressCallback)
+trainer.add_callback(ProgressLine())
+if main_process:
+    Path(OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
+    (Path(OUTPUT_DIR) / "train_config.json").write_text(json.dumps(run_config, indent=1) + "\n")
+result = trainer.train()
+
+# --- save --------------------------------------------------------------------
+if main_process:
+    trainer.save_model(OUTPUT_DIR)  # the adapter only, as safetensors
+    (Path(OUTPUT_DIR) / "training_args.bin").unlink(missing_ok=True)  # a pickle; train_config.json says it all
+    processor.save_pretrained(OUTPUT_DIR)
+    print(f"saved: adapter and processor in {OUTPUT_DIR} (train loss {result.training_loss:.4f}, "
+          f"{result.metrics['train_runtime']:.0f} s)")
+
+# --- evaluate ------------------------------------------------------------------
+if main_process and val_samples:
+    model.config.use_cache = True
+    metrics = evaluate.evaluate(model, processor, val_samples, PROMPT, MIN_PIXELS, MAX_PIXELS,
+                                Path(OUTPUT_DIR) / "eval", EVAL_BATCH_SIZE, EVAL_MAX_NEW_TOKENS)
+    if tracking != "disabled":
+        import swanlab
+        swanlab.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        swanlab.log({"eval/predictions": evaluate.swanlab_images(Path(OUTPUT_DIR) / "eval")})
+
+# --- summary -----------------------------------------------------------------
+if main_process:
+    if tracking != "disabled":
+        import swanlab
+        swanlab.finish()
+    print(f"done: adapter in {OUTPUT_DIR}; next: python infer.py --output_dir={OUTPUT_DIR}")
