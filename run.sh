@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine.
+#   bash run.sh demo   the whole pipeline offline on CPU: synthetic data, a tiny random model (a few minutes)
+#   bash run.sh test   the test suite
+#   bash run.sh        the real pipeline: LaTeX_OCR from ModelScope, Qwen2-VL-2B-Instruct, a CUDA GPU
+# Without an active virtual environment it creates .venv here; it installs requirements.txt when that changed.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+setup() {
+    if [ -z "${VIRTUAL_ENV:-}" ]; then
+        if [ ! -x .venv/bin/python ]; then
+            command -v python3 >/dev/null || { echo "python3 not found: install Python 3.10 or newer." >&2; exit 1; }
+            echo "creating the virtual environment .venv"
+            python3 -m venv .venv
+        fi
+        # shellcheck disable=SC1091
+        source .venv/bin/activate
+    fi
+    python -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+        || { echo "Python 3.10 or newer is needed, found $(python --version)." >&2; exit 1; }
+    local stamp="$VIRTUAL_ENV/.latexocr-requirements.txt"
+    if ! cmp -s requirements.txt "$stamp"; then
+        echo "installing requirements.txt into $VIRTUAL_ENV (torch is several GB the first time)"
+        python -m pip install --disable-pip-version-check -q -r requirements.txt
+        cp requirements.txt "$stamp"
+    fi
+}
+
+offline() {
+    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+}
+
+case "${1:-real}" in
+demo)
+    setup
+    offline
+    mkdir -p demo
+    cd demo
+    python ../data2csv.py --source=synthetic --max_data_number=64
+    python ../csv2json.py
+    python ../train.py --model_id=tiny-random --max_steps=20
+    python ../infer.py
+    echo
+    echo "demo done. Everything is in demo/: the data (LaTeX_OCR/, latex_ocr_*.csv, latex_ocr_*.json),"
+    echo "the adapter and its config (output/Qwen2-VL-2B-LatexOCR/), predictions and metrics"
+    echo "(output/Qwen2-VL-2B-LatexOCR/infer/), SwanLab logs (swanlog/). The model is tiny and random:"
+    echo "the point is that every step runs; on a GPU, 'bash run.sh' trains the real model."
+    ;;
+test)
+    setup
+    offline
+    shift
+    python -m pytest -q tests "$@"
+    ;;
+real)
+    setup
+    if ! python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+        echo "No CUDA GPU found. The real pipeline fine-tunes Qwen2-VL-2B-Instruct and needs a GPU with about"
+        echo "20 GB of memory. On this machine, 'bash run.sh demo' runs every step offline with a tiny model."
+        exit 1
+    fi
+    echo "The real pipeline downloads LaTeX_OCR and Qwen2-VL-2B-Instruct (~4.5 GB) from ModelScope."
+    echo "Without network, copy the model here and pass --model_id=/path/to/it to train.py (see README)."
+    python data2csv.py
+    python csv2json.py
+    python train.py
+    python infer.py
+    ;;
+*)
+    echo "usage: bash run.sh [demo|test]" >&2
+    exit 2
+    ;;
+esac
