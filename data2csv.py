@@ -23,6 +23,9 @@ SPLIT = "train"  # train (the full subset also has validation and test)
 MAX_DATA_NUMBER = 1000  # rows to save, from the start of the split
 DATASET_DIR = "LaTeX_OCR"  # folder for the images
 CSV_PATH = "latex_ocr_train.csv"
+VAL_SPLIT = ""  # a held-out split to save too, e.g. validation with --subset_name=full; "" = none
+MAX_VAL_NUMBER = 1000  # rows of VAL_SPLIT to save
+VAL_CSV_PATH = "latex_ocr_val.csv"  # csv2json.py takes val from here when it exists
 SEED = 0  # synthetic source only: same seed, same formulas and pixels
 # -----------------------------------------------------------------------------
 config = apply_overrides(globals())
@@ -39,10 +42,10 @@ from tqdm.auto import tqdm  # noqa: E402
 from latexocr.data import atomic_write_text, read_csv, write_csv  # noqa: E402
 
 
-def synthetic_rows(seed: int):
+def synthetic_rows(seed: int, split: str):
     """Formulas with a renderer in place of the image: a rerun only renders images not yet saved."""
     from latexocr import render, synth
-    for text in synth.synthetic_texts(seed):
+    for text in synth.synthetic_texts(seed if split == "train" else f"{seed}-{split}"):
         yield (lambda text=text: render.render_mathtext(text)), text
 
 
@@ -71,29 +74,32 @@ def table_rows(path: Path):
     return zip(frame[image_column], frame["text"])
 
 
-def source_rows():
-    """(image, text) pairs from the chosen source; images stay undecoded until needed."""
+def source_rows(split: str):
+    """(image, text) pairs of one split of the chosen source; images stay undecoded until needed."""
     if SOURCE == "synthetic":
-        return synthetic_rows(SEED)
+        return synthetic_rows(SEED, split)
     if SOURCE == "modelscope":
         from modelscope.msdatasets import MsDataset
         try:
-            dataset = MsDataset.load(DATASET_ID, subset_name=SUBSET_NAME, split=SPLIT)
+            dataset = MsDataset.load(DATASET_ID, subset_name=SUBSET_NAME, split=split)
         except Exception as e:
-            raise SystemExit(f"could not load {DATASET_ID} ({SUBSET_NAME}/{SPLIT}) from ModelScope "
+            raise SystemExit(f"could not load {DATASET_ID} ({SUBSET_NAME}/{split}) from ModelScope "
                              f"({type(e).__name__}: {e}).\nTry --source=huggingface, a local copy "
                              "(--source=path/to/parquet), or --source=synthetic offline.") from None
         return ((row["image"], row["text"]) for row in dataset)
     if SOURCE == "huggingface":
         import datasets
         try:
-            dataset = datasets.load_dataset(HF_DATASET_ID, SUBSET_NAME, split=SPLIT)
+            dataset = datasets.load_dataset(HF_DATASET_ID, SUBSET_NAME, split=split)
         except Exception as e:
-            raise SystemExit(f"could not load {HF_DATASET_ID} ({SUBSET_NAME}/{SPLIT}) from Hugging Face "
+            raise SystemExit(f"could not load {HF_DATASET_ID} ({SUBSET_NAME}/{split}) from Hugging Face "
                              f"({type(e).__name__}: {e}).\nTry --source=modelscope, a local copy "
                              "(--source=path/to/parquet), or --source=synthetic offline.") from None
         return ((row["image"], row["text"]) for row in dataset)
     path = Path(SOURCE).expanduser()
+    if split != SPLIT:
+        raise SystemExit(f"--val_split={split}: a local file has no splits. Write the held-out rows to their own "
+                         f"CSV and pass it to csv2json.py as --val_csv_path.")
     if not path.exists():
         raise SystemExit(f"--source={SOURCE}: not modelscope, huggingface or synthetic, and no such file or folder.")
     return table_rows(path)
@@ -127,44 +133,48 @@ def save_image(image: Image.Image, path: Path) -> None:
         raise
 
 
-# --- data --------------------------------------------------------------------
-dataset_dir = Path(DATASET_DIR)
-dataset_dir.mkdir(parents=True, exist_ok=True)
-# Images are named by row number; a folder filled from another source would pair them with the wrong text.
-origin = {k: config[k] for k in ("source", "dataset_id", "hf_dataset_id", "subset_name", "split")}
-if SOURCE == "synthetic":
-    origin["seed"] = SEED
-origin_path = dataset_dir / "source.json"
-if origin_path.is_file() and json.loads(origin_path.read_text()) != origin:
-    raise SystemExit(f"{dataset_dir} holds images from another source ({origin_path.read_text().strip()}). "
-                     "Use another --dataset_dir, or delete that folder.")
-atomic_write_text(origin_path, json.dumps(origin) + "\n")
+def save_split(split: str, image_dir: Path, csv_path: str, max_rows: int) -> str:
+    """Save the first max_rows images of one split and write its CSV; return a summary."""
+    image_dir.mkdir(parents=True, exist_ok=True)
+    # Images are named by row number; a folder filled from another source would pair them with the wrong text.
+    origin = {k: config[k] for k in ("source", "dataset_id", "hf_dataset_id", "subset_name")}
+    origin.update(split=split, **({"seed": SEED} if SOURCE == "synthetic" else {}))
+    origin_path = image_dir / "source.json"
+    if origin_path.is_file() and json.loads(origin_path.read_text()) != origin:
+        raise SystemExit(f"{image_dir} holds images from another source ({origin_path.read_text().strip()}). "
+                         "Use another --dataset_dir, or delete that folder.")
+    atomic_write_text(origin_path, json.dumps(origin) + "\n")
+
+    rows, rejects, reused = [], [], 0
+    for index, (image, text) in enumerate(tqdm(islice(source_rows(split), max_rows), total=max_rows,
+                                               desc=f"saving {split} images", unit="image")):
+        path = image_dir / f"{index}.png"
+        text = text if isinstance(text, str) else ""
+        if path.is_file():
+            reused += 1
+        else:
+            try:
+                save_image(to_image(image), path)
+            except Exception as e:  # one bad image must not stop a 76k-row download
+                rejects.append((path, f"row {index}: image unreadable ({type(e).__name__}: {e})"))
+                continue
+        rows.append((path, text))
+
+    write_csv(csv_path, rows)
+    rejects_path = Path(csv_path).with_suffix(".rejects.csv")
+    if rejects:
+        write_csv(rejects_path, rejects, header=("image_path", "reason"))
+        for path, reason in rejects[:5]:
+            print(f"skipped {reason}")
+    assert len(read_csv(csv_path)) == len(rows)
+    return (f"{len(rows)} {split} rows -> {csv_path}, images in {image_dir}/ ({len(rows) - reused} new, "
+            f"{reused} already there), {len(rejects)} skipped" + (f" -> {rejects_path}" if rejects else ""))
+
 
 # --- work --------------------------------------------------------------------
-rows, rejects, reused = [], [], 0
-for index, (image, text) in enumerate(tqdm(islice(source_rows(), MAX_DATA_NUMBER), total=MAX_DATA_NUMBER,
-                                           desc="saving images", unit="image")):
-    path = dataset_dir / f"{index}.png"
-    text = text if isinstance(text, str) else ""
-    if path.is_file():
-        reused += 1
-    else:
-        try:
-            save_image(to_image(image), path)
-        except Exception as e:  # one bad image must not stop a 76k-row download
-            rejects.append((path, f"row {index}: image unreadable ({type(e).__name__}: {e})"))
-            continue
-    rows.append((path, text))
-
-# --- save --------------------------------------------------------------------
-write_csv(CSV_PATH, rows)
-rejects_path = Path(CSV_PATH).with_suffix(".rejects.csv")
-if rejects:
-    write_csv(rejects_path, rejects, header=("image_path", "reason"))
-    for path, reason in rejects[:5]:
-        print(f"skipped {reason}")
+summaries = [save_split(SPLIT, Path(DATASET_DIR), CSV_PATH, MAX_DATA_NUMBER)]
+if VAL_SPLIT:
+    summaries.append(save_split(VAL_SPLIT, Path(DATASET_DIR) / VAL_SPLIT, VAL_CSV_PATH, MAX_VAL_NUMBER))
 
 # --- summary -----------------------------------------------------------------
-assert len(read_csv(CSV_PATH)) == len(rows)
-print(f"done: {len(rows)} rows -> {CSV_PATH}, images in {dataset_dir}/ ({len(rows) - reused} new, {reused} already "
-      f"there), {len(rejects)} skipped" + (f" -> {rejects_path}" if rejects else ""))
+print("done: " + "; ".join(summaries))

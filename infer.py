@@ -3,7 +3,8 @@
 Reads:  output/Qwen2-VL-2B-LatexOCR/ (adapter + train_config.json: base model, prompt, image sizing),
         and IMAGE: an image file, a folder of images, or a conversation JSON (default: the val JSON
         training used, so ground truth is there and the predictions are scored)
-Writes: output/Qwen2-VL-2B-LatexOCR/infer/predictions.jsonl (and metrics.json when there is ground truth)
+Writes: output/Qwen2-VL-2B-LatexOCR/infer/predictions.jsonl; with ground truth also metrics.json and
+        report.html (each image beside its prediction and reference, rendered, worst first)
 Run:    python infer.py
         python infer.py --image=formula.png
         python infer.py --adapter=none          (the base model alone, to see what fine-tuning bought)
@@ -22,6 +23,7 @@ IMAGE = ""  # image file, folder of images, or conversation JSON; "" = the val J
 RESULTS_DIR = ""  # where predictions go; "" = OUTPUT_DIR/infer (OUTPUT_DIR/infer-base with --adapter=none)
 BATCH_SIZE = 16  # images per generation batch
 MAX_NEW_TOKENS = 256  # generation cap per formula
+RENDER_FORMULAS = True  # render predictions and references: render_match and pictures in report.html
 DEVICE = "auto"  # auto (CUDA if present) | cuda | cpu
 # -----------------------------------------------------------------------------
 config = apply_overrides(globals())
@@ -76,7 +78,7 @@ print(f"model: {model_id}" + (f" + adapter {adapter_dir}" if use_adapter else " 
 # --- predict -----------------------------------------------------------------
 if has_references:
     evaluate.evaluate(model, processor, samples, prompt, min_pixels, max_pixels, results_dir, BATCH_SIZE,
-                      MAX_NEW_TOKENS)
+                      MAX_NEW_TOKENS, render_formulas=RENDER_FORMULAS)
 else:
     predictions = modeling.predict(model, processor, [s.image for s in samples], prompt, min_pixels, max_pixels,
                                    BATCH_SIZE, MAX_NEW_TOKENS)

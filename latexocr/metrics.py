@@ -103,29 +103,43 @@ def score(predictions: list[str], references: list[str], render: bool = False) -
     return metrics
 
 
-def render_scores(
+def render_matches(
     predictions: list[str], references: list[str], render: Callable[[str], Image.Image]
-) -> dict:
-    """render_match (share of all samples rendering like their reference, so at most render_rate)
-    and render_rate (share of references that render). `render` raises ValueError when it cannot."""
-    matches = rendered = 0
+) -> list[bool | None]:
+    """Per sample: True when the prediction renders like the reference, False when not (or when the
+    prediction does not render), None when the reference itself cannot be rendered.
+    `render` raises ValueError when it cannot render."""
+    results: list[bool | None] = []
     for prediction, reference in zip(predictions, references, strict=True):
         # Render the normalized spelling: it is valid LaTeX and what the mathtext backend expects.
         prediction, reference = normalize(prediction), normalize(reference)
         try:
             ref_image = render(reference)
         except ValueError:
+            results.append(None)
             continue
-        rendered += 1
         if prediction == reference:
-            matches += 1  # same tokens draw the same picture; skip the second render
+            results.append(True)  # same tokens draw the same picture; skip the second render
             continue
         try:
-            matches += images_match(render(prediction), ref_image)
+            results.append(images_match(render(prediction), ref_image))
         except ValueError:
-            pass  # a prediction that does not render is a miss
-    n = len(references)
-    return {"render_match": matches / n if n else 0.0, "render_rate": rendered / n if n else 0.0}
+            results.append(False)  # a prediction that does not render is a miss
+    return results
+
+
+def render_scores(
+    predictions: list[str], references: list[str], render: Callable[[str], Image.Image]
+) -> dict:
+    """render_match (share of all samples rendering like their reference, so at most render_rate)
+    and render_rate (share of references that render)."""
+    return summarize_render_matches(render_matches(predictions, references, render))
+
+
+def summarize_render_matches(matches: list[bool | None]) -> dict:
+    n = len(matches)
+    return {"render_match": sum(m is True for m in matches) / n if n else 0.0,
+            "render_rate": sum(m is not None for m in matches) / n if n else 0.0}
 
 
 def _ink(image: Image.Image) -> np.ndarray:

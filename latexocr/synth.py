@@ -151,7 +151,7 @@ def _number(rng: random.Random) -> list[str]:
     return digits + [".", rng.choice("0123456789")] if rng.random() < 0.1 else digits
 
 
-def synthetic_texts(seed: int) -> Iterator[str]:
+def synthetic_texts(seed: int | str) -> Iterator[str]:
     """Distinct formulas without end; the same seed gives the same sequence."""
     seen: set[str] = set()
     for i in itertools.count():

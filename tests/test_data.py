@@ -88,9 +88,9 @@ def test_csv2json_skips_bad_rows_records_them_and_keeps_val_formulas_out_of_trai
     assert not {s.text for s in train} & {s.text for s in val}
     rejects = pd.read_csv(tmp_path / "latex_ocr_rejects.csv")
     reasons = " | ".join(rejects["reason"])
-    assert "line 43: image file not found" in reasons
-    assert "line 44: empty text" in reasons
-    assert "line 45: not a readable image" in reasons
+    assert "latex_ocr_train.csv line 43: image file not found" in reasons
+    assert "latex_ocr_train.csv line 44: empty text" in reasons
+    assert "latex_ocr_train.csv line 45: not a readable image" in reasons
     # Every usable row is in train or val, or recorded as a val duplicate: nothing disappears.
     assert len(train) + len(val) + reasons.count("formula also in val") == 41
     assert "done:" in result.stdout and "left out -> latex_ocr_rejects.csv" in result.stdout
@@ -110,7 +110,7 @@ def test_data2csv_reads_a_local_parquet_in_the_latex_ocr_schema(tmp_path):
     rows = read_csv(tmp_path / "latex_ocr_train.csv")
     assert [text for _, _, text in rows] == texts[:2]
     assert [Image.open(image).size for _, image, _ in rows] == [(200, 50), (260, 50)]
-    assert "done: 2 rows -> latex_ocr_train.csv" in result.stdout
+    assert "done: 2 train rows -> latex_ocr_train.csv" in result.stdout
 
 
 def test_data2csv_resumes_and_refuses_a_folder_from_another_source(tmp_path):
@@ -124,3 +124,26 @@ def test_data2csv_resumes_and_refuses_a_folder_from_another_source(tmp_path):
 
     other = run_script("data2csv.py", "--source=synthetic", "--seed=7", cwd=tmp_path, check=False)
     assert other.returncode != 0 and "holds images from another source" in other.stderr
+
+
+def test_a_held_out_split_becomes_val_and_never_shares_a_formula_with_train(tmp_path):
+    result = run_script("data2csv.py", "--source=synthetic", "--max_data_number=30", "--val_split=validation",
+                        "--max_val_number=12", cwd=tmp_path)
+    assert "12 validation rows -> latex_ocr_val.csv, images in LaTeX_OCR/validation/" in result.stdout
+    held_out = read_csv(tmp_path / "latex_ocr_val.csv")
+    # Put one held-out formula into the training CSV: csv2json must keep it out of train and say so.
+    train_rows = [(image, text) for _, image, text in read_csv(tmp_path / "latex_ocr_train.csv")]
+    write_csv(tmp_path / "latex_ocr_train.csv", train_rows + [(held_out[0][1], held_out[0][2])])
+
+    result = run_script("csv2json.py", "--val_size=10", cwd=tmp_path)
+
+    val = read_conversations(tmp_path / "latex_ocr_val.json")
+    train = read_conversations(tmp_path / "latex_ocr_train.json")
+    assert len(val) == 10 and {s.image for s in val} <= {image for _, image, _ in held_out}
+    assert all(s.image.parent.name == "validation" for s in val)
+    assert not {s.text for s in train} & {s.text for s in val}
+    assert "val: 10 of 12 held-out rows from latex_ocr_val.csv" in result.stdout
+    if held_out[0][2] in {s.text for s in val}:
+        assert "1 row(s) whose formula is also in val" in result.stdout and len(train) == 30
+    else:
+        assert len(train) == 31

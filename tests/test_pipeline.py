@@ -32,7 +32,7 @@ def test_data_steps_write_what_the_next_step_reads(demo):
     val = read_conversations(folder / "latex_ocr_val.json")
     assert len(val) == 6 and len(train) == 58
     assert {s.text for s in train + val} == {text for _, _, text in rows}
-    assert "done: 64 rows -> latex_ocr_train.csv" in outputs["data2csv"].stdout
+    assert "done: 64 train rows -> latex_ocr_train.csv" in outputs["data2csv"].stdout
     assert "done: 58 train -> latex_ocr_train.json, 6 val -> latex_ocr_val.json" in outputs["csv2json"].stdout
 
 
@@ -67,7 +67,20 @@ def test_infer_predicts_the_val_set_by_default(demo):
     assert outputs["infer"].stdout.count("predicted:") == len(val)
     assert "exact_match" in outputs["infer"].stdout
     metrics = json.loads((folder / ADAPTER_DIR / "infer" / "metrics.json").read_text())
-    assert metrics["n"] == len(val)
+    assert metrics["n"] == len(val) and metrics["renderer"] in ("latex", "mathtext")
+    assert 0 <= metrics["render_match"] <= metrics["render_rate"] <= 1
+    report = (folder / ADAPTER_DIR / "infer" / "report.html").read_text()
+    assert report.count("<tr>") == len(val) + 1  # a header row, then one row per sample
+    assert report.count('<img src="data:image/png;base64,') >= 2 * len(val)  # input and rendered reference
+    assert f"report: {ADAPTER_DIR}/infer/report.html" in outputs["infer"].stdout
+
+
+def test_infer_without_the_adapter_scores_the_base_model_separately(demo):
+    folder, _ = demo
+    result = run_script("infer.py", "--adapter=none", "--max_new_tokens=8", "--render_formulas=false", cwd=folder)
+    assert "(no adapter)" in result.stdout
+    metrics = json.loads((folder / ADAPTER_DIR / "infer-base" / "metrics.json").read_text())
+    assert metrics["n"] == 6 and "render_match" not in metrics
 
 
 def test_infer_takes_an_image_or_a_folder(demo):
