@@ -21,7 +21,7 @@ ADAPTER = ""  # adapter folder; "" = OUTPUT_DIR; none = the base model alone
 MODEL_ID = ""  # base model; "" = the one recorded in OUTPUT_DIR/train_config.json
 IMAGE = ""  # image file, folder of images, or conversation JSON; "" = the val JSON used in training
 RESULTS_DIR = ""  # where predictions go; "" = OUTPUT_DIR/infer (OUTPUT_DIR/infer-base with --adapter=none)
-BATCH_SIZE = 16  # images per generation batch
+BATCH_SIZE = 64  # images per generation batch
 MAX_NEW_TOKENS = 256  # generation cap per formula
 RENDER_FORMULAS = True  # render predictions and references: render_match and pictures in report.html
 DEVICE = "auto"  # auto (CUDA if present) | cuda | cpu
@@ -29,7 +29,7 @@ DEVICE = "auto"  # auto (CUDA if present) | cuda | cpu
 config = apply_overrides(globals())
 
 # --- setup -------------------------------------------------------------------
-from latexocr import evaluate, modeling  # noqa: E402
+from latexocr import chat, evaluate, modeling  # noqa: E402
 from latexocr.data import Sample, atomic_write_text, read_conversations  # noqa: E402
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -42,7 +42,8 @@ use_adapter = ADAPTER.lower() != "none"
 adapter_dir = Path(ADAPTER or OUTPUT_DIR)
 results_dir = Path(RESULTS_DIR or Path(OUTPUT_DIR) / ("infer" if use_adapter else "infer-base"))
 device = modeling.default_device() if DEVICE == "auto" else DEVICE
-prompt, min_pixels, max_pixels = train_config["prompt"], train_config["min_pixels"], train_config["max_pixels"]
+prompt = train_config["prompt"]
+image_sizing = chat.sizing(train_config["min_pixels"], train_config["max_pixels"], train_config["image_size"])
 
 # --- data --------------------------------------------------------------------
 if not (IMAGE or train_config["val_json_path"]):
@@ -77,10 +78,10 @@ print(f"model: {model_id}" + (f" + adapter {adapter_dir}" if use_adapter else " 
 
 # --- predict -----------------------------------------------------------------
 if has_references:
-    evaluate.evaluate(model, processor, samples, prompt, min_pixels, max_pixels, results_dir, BATCH_SIZE,
+    evaluate.evaluate(model, processor, samples, prompt, image_sizing, results_dir, BATCH_SIZE,
                       MAX_NEW_TOKENS, render_formulas=RENDER_FORMULAS)
 else:
-    predictions = modeling.predict(model, processor, [s.image for s in samples], prompt, min_pixels, max_pixels,
+    predictions = modeling.predict(model, processor, [s.image for s in samples], prompt, image_sizing,
                                    BATCH_SIZE, MAX_NEW_TOKENS)
     for sample, prediction in zip(samples, predictions):
         print(f"{sample.image}: {prediction}")

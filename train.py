@@ -4,10 +4,12 @@ Reads:  latex_ocr_train.json, latex_ocr_val.json (written by csv2json.py)
 Writes: output/Qwen2-VL-2B-LatexOCR/ with adapter_model.safetensors, adapter_config.json, the processor,
         train_config.json (the configuration this run used) and eval/ (val predictions and metrics);
         checkpoints in output/Qwen2-VL-2B-LatexOCR/checkpoint-*; SwanLab logs in ./swanlog
-Run:    python train.py                                          (a CUDA GPU, ~20 GB)
+        train_results.json (speed, memory, the micro-batch size and checkpointing it chose)
+Run:    python train.py                                          (a CUDA GPU with 12 GB or more)
         python train.py --model_id=tiny-random --max_steps=20   (offline, CPU, a tiny random model)
 """
 
+import gc
 import json
 import os
 import platform
@@ -27,35 +29,39 @@ OUTPUT_DIR = "output/Qwen2-VL-2B-LatexOCR"  # adapter, processor, config, checkp
 PROMPT = chat.PROMPT  # the instruction after the image; infer.py reads it from train_config.json
 MIN_PIXELS = chat.MIN_PIXELS  # px per image, lower bound (28x28 px = one image token)
 MAX_PIXELS = chat.MAX_PIXELS  # px per image, upper bound; aspect ratio kept
+IMAGE_SIZE = ""  # "HxW" px to resize every image to exactly (the tutorial: 500x100); "" = MIN/MAX_PIXELS
 LORA_RANK = 64
 LORA_ALPHA = 16
 LORA_DROPOUT = 0.05
 LORA_TARGET_MODULES = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # comma-separated
-BATCH_SIZE = 4  # samples per micro-batch
-GRADIENT_ACCUMULATION_STEPS = 4  # micro-batches per optimizer step
+BATCH_SIZE = 16  # samples per optimizer step, over all GPUs (the tutorial's 4 x accumulation 4)
+MICRO_BATCH_SIZE = 0  # samples per forward pass; 0 = the most that fit in GPU memory (probed before training)
 LEARNING_RATE = 1e-4
 LR_SCHEDULER_TYPE = "linear"  # linear (decay to 0) | constant | cosine | ...
 NUM_TRAIN_EPOCHS = 2
 MAX_STEPS = -1  # optimizer steps; -1 = run NUM_TRAIN_EPOCHS
-GRADIENT_CHECKPOINTING = True  # GPU only: less memory for ~30% more compute
+GRADIENT_CHECKPOINTING = "auto"  # auto (only when memory is short) | true | false; GPU only
 LOGGING_STEPS = 10  # optimizer steps between progress lines
 SAVE_STEPS = 100  # optimizer steps between checkpoints
 NUM_WORKERS = min(4, os.cpu_count() or 1)  # DataLoader processes that open and size images
 SEED = 42
 DEVICE = "auto"  # auto (CUDA if present) | cuda | cpu
+GPU_MEMORY_GIB = 0.0  # use at most this much GPU memory (e.g. to act like a smaller card); 0 = all of it
 SWANLAB_MODE = "auto"  # auto (cloud if logged in, else local) | cloud | local | offline | disabled
 SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"
 SWANLAB_EXPERIMENT = "qwen2-vl-2b-lora"
-EVAL_BATCH_SIZE = 16  # images per generation batch
+EVAL_BATCH_SIZE = 64  # images per generation batch
 EVAL_MAX_NEW_TOKENS = 256  # generation cap per formula (real formulas: p95 ~112 tokens)
 # -----------------------------------------------------------------------------
 config = apply_overrides(globals())
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation, more fits
 
 # --- setup -------------------------------------------------------------------
 import transformers  # noqa: E402  (imported after the overrides so --help is instant)
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import ProgressCallback  # noqa: E402
+from PIL import Image  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from latexocr import evaluate, modeling  # noqa: E402
@@ -71,9 +77,20 @@ if DEVICE == "auto":
 if DEVICE == "cuda" and not torch.cuda.is_available():
     raise SystemExit("--device=cuda, but torch sees no CUDA GPU. Check the driver, or use --device=cpu.")
 on_gpu = DEVICE == "cuda"
-rank = int(os.environ.get("RANK", "0"))
+rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 main_process = rank == 0
+if GRADIENT_CHECKPOINTING not in ("auto", "true", "false"):
+    raise SystemExit(f"--gradient_checkpointing={GRADIENT_CHECKPOINTING}: expected auto, true or false.")
+if BATCH_SIZE % world_size:
+    raise SystemExit(f"batch_size={BATCH_SIZE} does not split evenly over {world_size} GPUs.")
+image_sizing = chat.sizing(MIN_PIXELS, MAX_PIXELS, IMAGE_SIZE)
 transformers.set_seed(SEED)
+if on_gpu:
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if GPU_MEMORY_GIB:
+        gpu = int(os.environ.get("LOCAL_RANK", "0"))
+        total = torch.cuda.get_device_properties(gpu).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, GPU_MEMORY_GIB / total), gpu)
 
 
 def swanlab_mode(requested: str) -> str:
@@ -87,12 +104,50 @@ def swanlab_mode(requested: str) -> str:
     return "local"
 
 
+def divisors_down(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def largest_fitting_micro_batch(model, collator, samples, per_device_batch: int, device: str) -> int | None:
+    """The largest micro-batch (a divisor of the per-GPU batch, so accumulation keeps the batch size) whose
+    forward and backward on the longest samples fit in GPU memory, leaving room for the optimizer state."""
+    def cost(sample):  # image tokens (from the stored size) plus answer tokens, roughly
+        with Image.open(sample.image) as image:
+            width, height = image.size
+        return min(max(width * height, MIN_PIXELS), MAX_PIXELS) / 784 + len(sample.text) / 3
+
+    longest = sorted(samples, key=cost, reverse=True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    reserve_bytes = 2 * 4 * trainable + 2**30  # AdamW's two fp32 moments, and 1 GiB of slack
+    for micro in divisors_down(per_device_batch):
+        batch = {k: v.to(device) for k, v in collator(longest[:micro]).items()}
+        try:
+            reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(**batch).loss.backward()
+            del reserve
+            return micro
+        except torch.OutOfMemoryError:
+            pass
+        finally:
+            batch = reserve = None
+            model.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+    return None
+
+
 class ProgressLine(ProgressCallback):
     """The progress bar, plus one compact line per logging interval instead of a dict dump."""
 
     def on_train_begin(self, args, state, control, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
         self.last_time, self.last_step = time.perf_counter(), state.global_step
+        self.step_ends = []  # wall-clock time at the end of each optimizer step, for steady-state speed
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        self.step_ends.append(time.perf_counter())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
@@ -135,10 +190,37 @@ print(f"model: {MODEL_ID} from {model_dir}; LoRA r={LORA_RANK} trains {trainable
 # The configuration this run uses: saved next to the adapter, logged to SwanLab, read back by infer.py.
 run_config = dict(config, device=DEVICE, model_dir=str(model_dir), train_samples=len(train_samples),
                   val_samples=len(val_samples), trainable_parameters=trainable,
-                  effective_batch_size=BATCH_SIZE * GRADIENT_ACCUMULATION_STEPS * int(os.environ.get("WORLD_SIZE", "1")),
+                  image_sizing=image_sizing,
                   versions=dict(python=platform.python_version(), torch=torch.__version__,
                                 transformers=transformers.__version__,
                                 peft=__import__("peft").__version__))
+
+# --- memory ------------------------------------------------------------------
+# The largest micro-batch that fits, without activation checkpointing when possible: checkpointing
+# recomputes every layer's forward (a third more compute), small micro-batches leave the GPU idle.
+collator = chat.TrainCollator(processor, PROMPT, image_sizing)
+per_device_batch = BATCH_SIZE // world_size
+checkpointing = GRADIENT_CHECKPOINTING == "true" and on_gpu
+micro_batch = MICRO_BATCH_SIZE or per_device_batch
+if on_gpu and not MICRO_BATCH_SIZE:
+    local_device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    model.to(local_device)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    micro_batch = largest_fitting_micro_batch(model, collator, train_samples, per_device_batch, local_device)
+    if GRADIENT_CHECKPOINTING == "auto" and (micro_batch or 0) < min(4, per_device_batch):
+        checkpointing = True
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        micro_batch = largest_fitting_micro_batch(model, collator, train_samples, per_device_batch, local_device)
+    if micro_batch is None:
+        free = torch.cuda.mem_get_info(local_device)[0] / 2**30
+        raise SystemExit(f"Not even one sample of the longest kind fits in GPU memory ({free:.1f} GiB free) with "
+                         "activation checkpointing. Lower --max_pixels, or use a GPU with more memory.")
+if per_device_batch % micro_batch:
+    raise SystemExit(f"micro_batch_size={micro_batch} must divide the per-GPU batch size {per_device_batch}.")
+accumulation = per_device_batch // micro_batch
+print(f"batch: {BATCH_SIZE} samples per optimizer step = {micro_batch} per forward pass x {accumulation} "
+      f"accumulation x {world_size} GPU(s); activation checkpointing {'on' if checkpointing else 'off'}")
 
 # --- train -------------------------------------------------------------------
 callbacks = []
@@ -155,17 +237,21 @@ if tracking != "disabled" and main_process:
         print(f"SwanLab: mode {tracking}, project {SWANLAB_PROJECT}")
 
 args = TrainingArguments(
-    output_dir=OUTPUT_DIR, per_device_train_batch_size=BATCH_SIZE,
-    gradient_accumulation_steps=GRADIENT_ACCUMULATION_STEPS, learning_rate=LEARNING_RATE, lr_scheduler_type=LR_SCHEDULER_TYPE,
-    num_train_epochs=NUM_TRAIN_EPOCHS, max_steps=MAX_STEPS, logging_steps=LOGGING_STEPS, logging_first_step=True,
-    save_steps=SAVE_STEPS, save_total_limit=2, seed=SEED, data_seed=SEED, bf16=on_gpu,
-    use_cpu=not on_gpu, activation_checkpointing=on_gpu and GRADIENT_CHECKPOINTING,
+    output_dir=OUTPUT_DIR, per_device_train_batch_size=micro_batch, gradient_accumulation_steps=accumulation,
+    learning_rate=LEARNING_RATE, lr_scheduler_type=LR_SCHEDULER_TYPE, num_train_epochs=NUM_TRAIN_EPOCHS,
+    max_steps=MAX_STEPS, logging_steps=LOGGING_STEPS, logging_first_step=True, save_steps=SAVE_STEPS,
+    save_total_limit=2, seed=SEED, data_seed=SEED, bf16=on_gpu, use_cpu=not on_gpu,
+    optim="adamw_torch_fused" if on_gpu else "adamw_torch", activation_checkpointing=checkpointing,
+    activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
     dataloader_num_workers=NUM_WORKERS, dataloader_persistent_workers=NUM_WORKERS > 0,
-    remove_unused_columns=False, report_to="none")
-trainer = Trainer(model=model, args=args, train_dataset=train_samples,
-                  data_collator=chat.TrainCollator(processor, PROMPT, MIN_PIXELS, MAX_PIXELS), callbacks=callbacks)
+    dataloader_pin_memory=on_gpu, include_num_input_tokens_seen=True, remove_unused_columns=False,
+    report_to="none")
+trainer = Trainer(model=model, args=args, train_dataset=train_samples, data_collator=collator, callbacks=callbacks)
 trainer.remove_callback(ProgressCallback)
-trainer.add_callback(ProgressLine())
+progress = ProgressLine()
+trainer.add_callback(progress)
+if on_gpu:
+    torch.cuda.reset_peak_memory_stats()
 if main_process:
     Path(OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
     (Path(OUTPUT_DIR) / "train_config.json").write_text(json.dumps(run_config, indent=1) + "\n")
@@ -176,13 +262,24 @@ if main_process:
     trainer.save_model(OUTPUT_DIR)  # the adapter only, as safetensors
     (Path(OUTPUT_DIR) / "training_args.bin").unlink(missing_ok=True)  # a pickle; train_config.json says it all
     processor.save_pretrained(OUTPUT_DIR)
+    # Steady state leaves out the first step (DataLoader workers starting, kernels warming up).
+    steady = progress.step_ends[-1] - progress.step_ends[0] if len(progress.step_ends) > 1 else float("nan")
+    results = dict(steps=trainer.state.global_step, train_runtime_s=result.metrics["train_runtime"],
+                   samples_per_s=result.metrics["train_samples_per_second"],
+                   steady_samples_per_s=(len(progress.step_ends) - 1) * BATCH_SIZE / steady,
+                   input_tokens_seen=trainer.state.num_input_tokens_seen, micro_batch_size=micro_batch,
+                   gradient_accumulation_steps=accumulation, activation_checkpointing=checkpointing,
+                   peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0,
+                   peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if on_gpu else 0.0,
+                   train_loss=result.training_loss)
+    (Path(OUTPUT_DIR) / "train_results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"saved: adapter and processor in {OUTPUT_DIR} (train loss {result.training_loss:.4f}, "
-          f"{result.metrics['train_runtime']:.0f} s)")
+          f"{result.metrics['train_runtime']:.0f} s, {results['steady_samples_per_s']:.1f} samples/s)")
 
 # --- evaluate ------------------------------------------------------------------
 if main_process and val_samples:
     model.config.use_cache = True
-    metrics = evaluate.evaluate(model, processor, val_samples, PROMPT, MIN_PIXELS, MAX_PIXELS,
+    metrics = evaluate.evaluate(model, processor, val_samples, PROMPT, image_sizing,
                                 Path(OUTPUT_DIR) / "eval", EVAL_BATCH_SIZE, EVAL_MAX_NEW_TOKENS)
     if tracking != "disabled":
         import swanlab

@@ -19,7 +19,20 @@ IGNORE_INDEX = -100  # label value the loss skips
 END_OF_ANSWER = "<|im_end|>"
 
 
-def load_image(path: str | Path | Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
+def sizing(min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, image_size: str = "") -> dict:
+    """How images are sized: aspect kept within [min_pixels, max_pixels], or exactly image_size ("HxW" px)."""
+    if not image_size:
+        if not 0 < min_pixels <= max_pixels:
+            raise SystemExit(f"min_pixels={min_pixels}, max_pixels={max_pixels}: need 0 < min_pixels <= max_pixels.")
+        return {"min_pixels": min_pixels, "max_pixels": max_pixels}
+    try:
+        height, width = (int(v) for v in image_size.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"image_size={image_size!r}: expected HEIGHTxWIDTH in px, e.g. 100x500.") from None
+    return {"resized_height": height, "resized_width": width}
+
+
+def load_image(path: str | Path | Image.Image, image_sizing: dict) -> Image.Image:
     """Open an image as RGB on white (transparency flattened) and resize it to whole 28 px blocks."""
     image = path if isinstance(path, Image.Image) else Image.open(path)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bits
@@ -31,7 +44,7 @@ def load_image(path: str | Path | Image.Image, min_pixels: int, max_pixels: int)
         background.paste(image, mask=image.getchannel("A"))
         image = background
     image = image.convert("RGB")
-    return fetch_image({"image": image, "min_pixels": min_pixels, "max_pixels": max_pixels})
+    return fetch_image({"image": image, **image_sizing})
 
 
 def messages(prompt: str) -> list[dict]:
@@ -80,12 +93,11 @@ class TrainCollator:
     It runs in the DataLoader's worker processes, so nothing but paths and text is ever cached.
     """
 
-    def __init__(self, processor, prompt: str, min_pixels: int, max_pixels: int):
-        self.processor, self.prompt = processor, prompt
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+    def __init__(self, processor, prompt: str, image_sizing: dict):
+        self.processor, self.prompt, self.image_sizing = processor, prompt, image_sizing
 
     def __call__(self, samples) -> dict[str, torch.Tensor]:
-        examples = [encode_example(self.processor, load_image(s.image, self.min_pixels, self.max_pixels),
+        examples = [encode_example(self.processor, load_image(s.image, self.image_sizing),
                                    s.text, self.prompt) for s in samples]
         return pad_examples(examples, self.processor.tokenizer.pad_token_id)
 

@@ -18,11 +18,11 @@ from latexocr import metrics, modeling, render
 from latexocr.data import Sample, atomic_write_text
 
 
-def evaluate(model, processor, samples: list[Sample], prompt: str, min_pixels: int, max_pixels: int,
+def evaluate(model, processor, samples: list[Sample], prompt: str, image_sizing: dict,
              eval_dir: Path, batch_size: int, max_new_tokens: int, render_formulas: bool = True,
              show: int = 8) -> dict:
     """Score `samples` (with references); print `show` predictions, the metrics table and the report path."""
-    predictions = modeling.predict(model, processor, [s.image for s in samples], prompt, min_pixels, max_pixels,
+    predictions = modeling.predict(model, processor, [s.image for s in samples], prompt, image_sizing,
                                    batch_size, max_new_tokens)
     references = [s.text for s in samples]
     scores = metrics.score(predictions, references)

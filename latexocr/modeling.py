@@ -60,7 +60,7 @@ def load_base_model(model_dir: Path, device: str, place: bool = True):
 
 
 @torch.inference_mode()
-def predict(model, processor, images: list, prompt: str, min_pixels: int, max_pixels: int,
+def predict(model, processor, images: list, prompt: str, image_sizing: dict,
             batch_size: int = 16, max_new_tokens: int = 256, show_progress: bool = True) -> list[str]:
     """Greedy LaTeX for each image (path or PIL image), batched with left padding, stopping at <|im_end|>."""
     model.eval()
@@ -70,7 +70,7 @@ def predict(model, processor, images: list, prompt: str, min_pixels: int, max_pi
     predictions = []
     for start in tqdm(range(0, len(images), batch_size), desc="predicting", unit="batch",
                       disable=not show_progress):
-        batch = [chat.load_image(x, min_pixels, max_pixels) for x in images[start:start + batch_size]]
+        batch = [chat.load_image(x, image_sizing) for x in images[start:start + batch_size]]
         inputs = chat.encode_prompts(processor, batch, prompt).to(device)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end_id,
                                 pad_token_id=tokenizer.pad_token_id)

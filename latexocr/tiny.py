@@ -112,14 +112,17 @@ def build_model(config: Qwen2VLConfig, dtype: torch.dtype = torch.float32, devic
     return model
 
 
-def build_model_folder(out_dir: str | Path, dims: dict = TINY_DIMENSIONS, seed: int = 0) -> Path:
-    """Write a random Qwen2-VL (config, safetensors, processor) to out_dir, atomically."""
+def build_model_folder(out_dir: str | Path, dims: dict = TINY_DIMENSIONS, seed: int = 0,
+                       dtype: torch.dtype = torch.float32, device: str = "cpu") -> Path:
+    """Write a random Qwen2-VL (config, safetensors, processor) to out_dir, atomically.
+
+    The full-size shape is built fastest on a GPU in bf16 (dtype=torch.bfloat16, device="cuda")."""
     out_dir = Path(out_dir)
     rng = random.Random(seed)
     corpus = [synth.random_formula(rng) for _ in range(3000)]
     corpus += ["You are a helpful assistant.", "system\nuser\nassistant\n", chat.PROMPT]
     tokenizer = train_tokenizer(corpus)
-    model = build_model(build_config(tokenizer, dims), seed=seed)
+    model = build_model(build_config(tokenizer, dims), dtype=dtype, device=device, seed=seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:

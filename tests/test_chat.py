@@ -17,7 +17,7 @@ def formula_image(width: int, height: int, mode: str = "RGB") -> Image.Image:
 
 def test_wide_images_stay_wide_in_whole_28px_blocks():
     # The tutorial trained on 500x100 (h x w) and predicted on 100x500; sizing keeps the aspect ratio instead.
-    sized = chat.load_image(formula_image(500, 100), chat.MIN_PIXELS, chat.MAX_PIXELS)
+    sized = chat.load_image(formula_image(500, 100), chat.sizing())
     width, height = sized.size
     assert width % 28 == 0 and height % 28 == 0
     assert width > 3 * height
@@ -26,14 +26,19 @@ def test_wide_images_stay_wide_in_whole_28px_blocks():
 
 
 def test_tiny_and_huge_images_are_bounded_by_min_and_max_pixels():
-    small = chat.load_image(formula_image(60, 20), chat.MIN_PIXELS, chat.MAX_PIXELS)
-    large = chat.load_image(formula_image(3000, 600), chat.MIN_PIXELS, chat.MAX_PIXELS)
+    small = chat.load_image(formula_image(60, 20), chat.sizing())
+    large = chat.load_image(formula_image(3000, 600), chat.sizing())
     assert small.size[0] * small.size[1] >= chat.MIN_PIXELS
     assert large.size[0] * large.size[1] <= chat.MAX_PIXELS
 
 
+def test_a_fixed_size_is_used_exactly_when_given():
+    sized = chat.load_image(formula_image(300, 60), chat.sizing(image_size="500x100"))
+    assert sized.size == (112, 504)  # width, height: the tutorial's 500 x 100 rounded to 28 px blocks
+
+
 def test_transparent_images_are_flattened_on_white():
-    sized = chat.load_image(formula_image(300, 60, mode="RGBA"), chat.MIN_PIXELS, chat.MAX_PIXELS)
+    sized = chat.load_image(formula_image(300, 60, mode="RGBA"), chat.sizing())
     assert sized.mode == "RGB"
     assert sized.getpixel((0, 0)) == (255, 255, 255)
     assert sized.convert("L").getextrema()[0] < 128  # the ink survived
@@ -41,8 +46,7 @@ def test_transparent_images_are_flattened_on_white():
 
 def test_labels_cover_the_answer_and_end_with_im_end(processor):
     answer = r"\frac { a } { b } + x ^ { 2 }"
-    example = chat.encode_example(processor, chat.load_image(formula_image(300, 60), chat.MIN_PIXELS,
-                                                             chat.MAX_PIXELS), answer, chat.PROMPT)
+    example = chat.encode_example(processor, chat.load_image(formula_image(300, 60), chat.sizing()), answer, chat.PROMPT)
     labels, input_ids = example["labels"], example["input_ids"]
     tokenizer = processor.tokenizer
     trained = labels[labels != chat.IGNORE_INDEX]
@@ -60,7 +64,7 @@ def test_labels_cover_the_answer_and_end_with_im_end(processor):
 
 
 def test_training_prompt_is_exactly_the_inference_prompt(processor):
-    image = chat.load_image(formula_image(300, 60), chat.MIN_PIXELS, chat.MAX_PIXELS)
+    image = chat.load_image(formula_image(300, 60), chat.sizing())
     example = chat.encode_example(processor, image, "x", chat.PROMPT)
     generation = chat.encode_prompts(processor, [image], chat.PROMPT)
     prompt_ids = generation["input_ids"][0]
@@ -75,7 +79,7 @@ def test_collator_batches_images_of_different_sizes(processor, tiny_model_dir, t
         path = tmp_path / f"{i}.png"
         formula_image(*size).save(path)
         samples.append(Sample(str(i), path, "x ^ { %d }" % i))
-    collator = chat.TrainCollator(processor, chat.PROMPT, chat.MIN_PIXELS, chat.MAX_PIXELS)
+    collator = chat.TrainCollator(processor, chat.PROMPT, chat.sizing())
     batch = collator(samples)
     grids = batch["image_grid_thw"]
     assert grids.shape == (3, 3) and len({tuple(g.tolist()) for g in grids}) == 3

@@ -99,7 +99,7 @@ def test_learning_the_pipeline_can_overfit_eight_formulas_exactly(tmp_path):
     rows = [(image, text) for _, image, text in read_csv(tmp_path / "latex_ocr_train.csv") if len(text) <= 60]
     write_conversations(tmp_path / "eight.json", rows[:8])
     run_script("train.py", "--model_id=tiny-random", "--train_json_path=eight.json", "--val_json_path=",
-               "--batch_size=8", "--gradient_accumulation_steps=1", "--max_steps=300", "--learning_rate=3e-3",
+               "--batch_size=8", "--max_steps=300", "--learning_rate=3e-3",
                "--lr_scheduler_type=constant", "--logging_steps=50", "--save_steps=1000", "--swanlab_mode=disabled",
                "--num_workers=0", cwd=tmp_path)
     result = run_script("infer.py", "--image=eight.json", cwd=tmp_path)

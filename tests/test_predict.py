@@ -25,7 +25,7 @@ def test_batched_generation_equals_one_image_at_a_time(opinionated_model):
     model, processor = opinionated_model
     images = [image for image, _ in itertools.islice(synthetic_samples(6, seed=5), 6)]
     assert len({image.size for image in images}) > 3  # prompts of different lengths: padding is exercised
-    settings = dict(prompt=chat.PROMPT, min_pixels=chat.MIN_PIXELS, max_pixels=chat.MAX_PIXELS,
+    settings = dict(prompt=chat.PROMPT, image_sizing=chat.sizing(),
                     max_new_tokens=12, show_progress=False)
     batched = modeling.predict(model, processor, images, batch_size=6, **settings)
     single = [modeling.predict(model, processor, [image], batch_size=1, **settings)[0] for image in images]
