@@ -1,0 +1,211 @@
+"""Speed and memory of train.py and infer.py against the tutorial recipe, side by side, in one run.
+
+Both train the same Qwen2-VL-2B shape (random weights: compute and memory do not depend on the values)
+with the same LoRA, the same effective batch of 16 and the same samples, rendered from real LaTeX_OCR
+formulas. Rows: the tutorial recipe; train.py at the tutorial's image size (the same work, for the ratio);
+train.py with its own defaults; the same capped to 24 and 12 GiB of GPU memory. Then generation: the
+tutorial's one-image loop against infer.py's batched path, same images, same token cap.
+
+Reads:  ../shared/data/latex_ocr_val_formulas.txt when present (else synthetic formulas)
+Writes: bench_results/bench.json (every number below) and bench_results/bench.md (the table)
+Run:    python bench/speed.py                  (a CUDA GPU; about 8 minutes)
+        python bench/speed.py --tiny=true      (CPU, the tiny model, a few steps: checks the script runs)
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from latexocr.config import apply_overrides  # noqa: E402
+
+# -----------------------------------------------------------------------------
+TINY = False  # the tiny random model on CPU, a few steps: a smoke run of this script
+SAMPLES = 996  # training samples (the tutorial's 1000 minus its 4 val)
+TUTORIAL_STEPS = 10  # optimizer steps timed for the tutorial (its 2 epochs are 126 of the same steps)
+OUR_STEPS = 30  # optimizer steps timed for each train.py row
+EVAL_IMAGES = 64  # images for infer.py's batched generation
+TUTORIAL_EVAL_IMAGES = 4  # images for the tutorial's one-at-a-time loop (its speed per image is steady)
+EVAL_MAX_NEW_TOKENS = 64  # token cap for both; random weights never stop early, so every image uses it all
+FORMULAS_PATH = str(ROOT.parent / "shared" / "data" / "latex_ocr_val_formulas.txt")
+RESULTS_DIR = "bench_results"
+RUNS = "tutorial,ours_tutorial_size,ours,ours_24gib,ours_12gib,eval"  # which rows to measure
+# -----------------------------------------------------------------------------
+config = apply_overrides(globals())
+
+import torch  # noqa: E402
+
+from bench.tutorial_recipe import predict_tutorial, train_tutorial  # noqa: E402
+from latexocr import chat, modeling, render, tiny  # noqa: E402
+from latexocr.data import read_conversations, write_conversations  # noqa: E402
+
+PEAK_FLOPS = 790e12  # H200 dense bf16
+LANGUAGE_PARAMS, VISION_PARAMS = 1.5436e9, 630.65e6  # Qwen2-VL-2B, from DEVICE.md's MFU formula
+EPOCH_STEPS = -(-2 * SAMPLES // 16)  # optimizer steps in 2 epochs at batch 16
+
+
+def mfu(samples_per_s: float, tokens_per_sample: float, patches_per_sample: float, checkpointing: bool) -> float:
+    """Model-FLOPs utilisation: frozen base, so 4 x params per token (6 x when activations are recomputed)."""
+    flops = ((6 if checkpointing else 4) * LANGUAGE_PARAMS * tokens_per_sample
+             + 2 * VISION_PARAMS * patches_per_sample) * samples_per_s
+    return flops / PEAK_FLOPS
+
+
+def patches_per_sample(samples: list[tuple[Path, str]], image_sizing: dict) -> float:
+    sizes = [chat.load_image(image, image_sizing).size for image, _ in samples]
+    return sum((w // 14) * (h // 14) for w, h in sizes) / len(sizes)
+
+
+def run_train_py(name: str, *flags: str) -> dict:
+    """train.py as a user runs it, on the benchmark data; returns its train_results.json."""
+    output_dir = results_dir / name
+    command = [sys.executable, str(ROOT / "train.py"), f"--model_id={model_dir}", f"--train_json_path={train_json}",
+               "--val_json_path=", f"--output_dir={output_dir}", f"--max_steps={OUR_STEPS}", "--logging_steps=10",
+               "--save_steps=1000000", "--swanlab_mode=disabled", *(["--device=cpu"] if TINY else []), *flags]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, cwd=results_dir)
+    wall = time.perf_counter() - start
+    result = json.loads((output_dir / "train_results.json").read_text())
+    result["process_wall_s"] = wall  # start-up, loading and the memory probe included
+    result["flags"] = list(flags)
+    return result
+
+
+# --- setup -------------------------------------------------------------------
+results_dir = (ROOT / RESULTS_DIR).resolve()
+results_dir.mkdir(parents=True, exist_ok=True)
+on_gpu = torch.cuda.is_available() and not TINY
+if not on_gpu and not TINY:
+    raise SystemExit("No CUDA GPU: run on a GPU, or use --tiny=true for a CPU smoke run of this script.")
+if TINY:
+    SAMPLES, TUTORIAL_STEPS, OUR_STEPS, EVAL_IMAGES, TUTORIAL_EVAL_IMAGES, EVAL_MAX_NEW_TOKENS = 48, 2, 2, 4, 2, 4
+    EPOCH_STEPS = -(-2 * SAMPLES // 16)
+results_path = results_dir / "bench.json"
+results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+results["environment"] = dict(device=torch.cuda.get_device_name() if on_gpu else "cpu", date=time.strftime("%Y-%m-%d"),
+                              torch=torch.__version__, transformers=__import__("transformers").__version__,
+                              peft=__import__("peft").__version__, samples=SAMPLES)
+
+# --- model and data ----------------------------------------------------------
+if TINY:
+    model_dir = modeling.resolve_model(modeling.TINY_MODEL_ID)
+else:
+    model_dir = results_dir / "qwen2-vl-2b-random"
+    if not (model_dir / "config.json").is_file():
+        print("building Qwen2-VL-2B with random weights (bf16, on the GPU)")
+        tiny.build_model_folder(model_dir, tiny.QWEN2_VL_2B_DIMENSIONS, dtype=torch.bfloat16, device="cuda")
+train_json = results_dir / "train.json"
+if not train_json.is_file():
+    if Path(FORMULAS_PATH).is_file():
+        formulas = Path(FORMULAS_PATH).read_text().splitlines()
+    else:
+        from latexocr.synth import synthetic_texts
+        formulas = list(zip(range(2 * SAMPLES), synthetic_texts(0)))
+        formulas = [text for _, text in formulas]
+    image_dir = results_dir / "images"
+    image_dir.mkdir(exist_ok=True)
+    samples = []
+    for text in formulas:
+        try:
+            image = render.render_mathtext(text)
+        except ValueError:
+            continue  # about 5% of real formulas are beyond mathtext
+        path = image_dir / f"{len(samples)}.png"
+        image.save(path)
+        samples.append((path, text))
+        if len(samples) == SAMPLES:
+            break
+    write_conversations(train_json, samples)
+samples = [(s.image, s.text) for s in read_conversations(train_json)]
+print(f"data: {len(samples)} samples in {train_json}")
+
+# --- work: training ------------------------------------------------------------
+runs = RUNS.split(",")
+tutorial_sizing = chat.sizing(image_size="500x100")
+for name, flags in [("ours_tutorial_size", ["--image_size=500x100"]), ("ours", []),
+                    ("ours_24gib", ["--gpu_memory_gib=24"]), ("ours_12gib", ["--gpu_memory_gib=12"])]:
+    if name in runs and (on_gpu or "gib" not in name):
+        result = run_train_py(name, *flags)
+        sizing = tutorial_sizing if "--image_size=500x100" in flags else chat.sizing()
+        result["patches_per_sample"] = patches_per_sample(samples, sizing)
+        result["tokens_per_sample"] = result["input_tokens_seen"] / (result["steps"] * 16)
+        results[name] = result
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
+if "tutorial" in runs:
+    result = train_tutorial(model_dir, train_json, results_dir / "tutorial", max_steps=TUTORIAL_STEPS,
+                            device="cuda" if on_gpu else "cpu")
+    result["patches_per_sample"] = result["image_patches"] / result["samples"]
+    result["tokens_per_sample"] = result["padded_tokens"] / result["samples"]
+    result["activation_checkpointing"] = on_gpu
+    results["tutorial"] = result
+for name in ("tutorial", "ours_tutorial_size", "ours", "ours_24gib", "ours_12gib"):
+    if name in results:
+        r = results[name]
+        r["preprocess_s"] = r.get("preprocess_s", 0.0)  # train.py prepares images on the fly, in workers
+        r["two_epochs_s"] = r["preprocess_s"] + EPOCH_STEPS * 16 / r["steady_samples_per_s"]
+        r["tokens_per_s"] = r["tokens_per_sample"] * r["steady_samples_per_s"]
+        r["mfu"] = mfu(r["steady_samples_per_s"], r["tokens_per_sample"], r["patches_per_sample"],
+                       r["activation_checkpointing"])
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
+
+# --- work: generation ------------------------------------------------------------
+if "eval" in runs:
+    from peft import LoraConfig, PeftModel, get_peft_model
+    images = [image for image, _ in samples[:EVAL_IMAGES]]
+    device = "cuda" if on_gpu else "cpu"
+    model, processor = modeling.load_base_model(model_dir, device)
+    lora = LoraConfig(task_type="CAUSAL_LM", r=64, lora_alpha=16, lora_dropout=0.05,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    tutorial_model = get_peft_model(model, lora)
+    start = time.perf_counter()
+    predict_tutorial(tutorial_model, processor, images[:TUTORIAL_EVAL_IMAGES], max_new_tokens=EVAL_MAX_NEW_TOKENS)
+    tutorial_s = time.perf_counter() - start
+    model = tutorial_model.unload()
+    adapter = results_dir / "ours_tutorial_size"
+    ours_model = PeftModel.from_pretrained(model, adapter) if (adapter / "adapter_model.safetensors").is_file() \
+        else get_peft_model(model, lora)
+    sizing = chat.sizing()
+    modeling.predict(ours_model, processor, images[:8], chat.PROMPT, sizing, 8, 4, show_progress=False)  # warm-up
+    start = time.perf_counter()
+    batched = modeling.predict(ours_model, processor, images, chat.PROMPT, sizing, EVAL_IMAGES, EVAL_MAX_NEW_TOKENS)
+    ours_s = time.perf_counter() - start
+    one_by_one = [modeling.predict(ours_model, processor, [image], chat.PROMPT, sizing, 1, EVAL_MAX_NEW_TOKENS,
+                                   show_progress=False)[0] for image in images[:4]]
+    results["eval"] = dict(tutorial_images_per_s=TUTORIAL_EVAL_IMAGES / tutorial_s,
+                           ours_images_per_s=EVAL_IMAGES / ours_s, max_new_tokens=EVAL_MAX_NEW_TOKENS,
+                           ours_batch_size=EVAL_IMAGES, batched_equals_one_by_one=batched[:4] == one_by_one)
+    results_path.write_text(json.dumps(results, indent=1) + "\n")
+
+# --- summary -----------------------------------------------------------------
+env = results["environment"]
+lines = [f"{env['device']}, {env['date']}; torch {env['torch']}, transformers {env['transformers']}, "
+         f"peft {env['peft']}; {env['samples']} samples, effective batch 16", "",
+         "| run | samples/s | tokens/s | preprocess s | 2 epochs s | peak alloc / reserved GiB | MFU | "
+         "micro-batch x accum, checkpointing | vs tutorial |",
+         "|---|---|---|---|---|---|---|---|---|"]
+base = results.get("tutorial")
+for name in ("tutorial", "ours_tutorial_size", "ours", "ours_24gib", "ours_12gib"):
+    if name not in results:
+        continue
+    r = results[name]
+    micro = (4, 4) if name == "tutorial" else (r["micro_batch_size"], r["gradient_accumulation_steps"])
+    shape = f"{micro[0]} x {micro[1]}, {'on' if r['activation_checkpointing'] else 'off'}"
+    ratio = (f"{r['steady_samples_per_s'] / base['steady_samples_per_s']:.1f}x speed, "
+             f"{base['two_epochs_s'] / r['two_epochs_s']:.1f}x wall") if base else ""
+    lines.append(f"| {name} | {r['steady_samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['preprocess_s']:.1f} | "
+                 f"{r['two_epochs_s']:.0f} | {r['peak_allocated_gib']:.1f} / {r['peak_reserved_gib']:.1f} | "
+                 f"{100 * r['mfu']:.1f}% | {shape} | {ratio} |")
+if "eval" in results:
+    e = results["eval"]
+    lines += ["", f"generation, {e['max_new_tokens']} new tokens: tutorial one image at a time "
+              f"{e['tutorial_images_per_s']:.3f} images/s; infer.py batch {e['ours_batch_size']} "
+              f"{e['ours_images_per_s']:.2f} images/s ({e['ours_images_per_s'] / e['tutorial_images_per_s']:.0f}x); "
+              f"batched output equals batch size 1: {e['batched_equals_one_by_one']}"]
+table = "\n".join(lines)
+(results_dir / "bench.md").write_text(table + "\n")
+print(table)
+print(f"done: {results_path}, {results_dir / 'bench.md'}")

@@ -1,0 +1,90 @@
+"""The tutorial recipe the benchmark compares against: it trains, labels as the tutorial did, and predicts."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from bench.tutorial_recipe import TUTORIAL_PROMPT, predict_tutorial, process_func, train_tutorial
+from latexocr.data import write_conversations
+from latexocr.synth import synthetic_samples
+
+N_SAMPLES = 48  # three optimizer steps of 4 x 4
+PATCHES_PER_IMAGE = 36 * 8  # 500 x 100 px becomes 504 x 112 px: 36 x 8 patches of 14 px
+
+
+@pytest.fixture(scope="module")
+def train_json(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tutorial_data")
+    (folder / "images").mkdir()
+    samples = []
+    for i, (image, text) in enumerate(synthetic_samples(N_SAMPLES, seed=0)):
+        path = folder / "images" / f"{i}.png"
+        image.save(path)
+        samples.append((path, text))
+    write_conversations(folder / "train.json", samples)
+    return folder / "train.json"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, train_json, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("tutorial_output")
+    return output_dir, train_tutorial(tiny_model_dir, train_json, output_dir, max_steps=3, device="cpu")
+
+
+def test_three_steps_of_sixteen_samples(trained):
+    output_dir, result = trained
+    assert result["steps"] == 3 and result["samples"] == 3 * 16
+    assert len(result["losses"]) == 3 and all(math.isfinite(loss) for loss in result["losses"])
+    assert result["preprocess_s"] > 0 and result["train_s"] > 0 and result["samples_per_s"] > 0
+    assert result["image_patches"] == 48 * PATCHES_PER_IMAGE
+    assert 0 < result["tokens"] <= result["padded_tokens"]
+    assert result["peak_allocated_gib"] == 0.0 and result["versions"]["transformers"]
+    assert json.loads(json.dumps(result)) == result  # plain data, for writing out as is
+    assert not list(output_dir.glob("datasets_cache_*")), "the .map cache must not outlive the run"
+
+
+def example(train_json, index=0):
+    return json.loads(train_json.read_text(encoding="utf-8"))[index]
+
+
+def test_labels_end_with_the_pad_token_as_in_the_tutorial(processor, train_json):
+    tokenizer = processor.tokenizer
+    record = example(train_json)
+    features = process_func(record, processor, train_json)
+    answer_ids = tokenizer(record["conversations"][1]["value"], add_special_tokens=False)["input_ids"]
+    labels, input_ids = features["labels"].tolist(), features["input_ids"].tolist()
+    assert labels[-1] == input_ids[-1] == tokenizer.pad_token_id
+    assert labels[-len(answer_ids) - 1:-1] == answer_ids
+    assert set(labels[:-len(answer_ids) - 1]) == {-100}
+    assert len(input_ids) == len(features["attention_mask"]) == len(features["mm_token_type_ids"]) == len(labels)
+    assert features["mm_token_type_ids"].sum().item() == PATCHES_PER_IMAGE // 4  # 2 x 2 patches per image token
+    assert features["image_grid_thw"].tolist() == [1, 36, 8]
+    assert features["pixel_values"].shape == (PATCHES_PER_IMAGE, 3 * 2 * 14 * 14)
+
+
+def test_labels_can_end_with_im_end_instead(processor, train_json):
+    features = process_func(example(train_json), processor, train_json, end_token="im_end")
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end != processor.tokenizer.pad_token_id
+    assert features["labels"][-1].item() == features["input_ids"][-1].item() == im_end
+    with pytest.raises(ValueError, match="end_token"):
+        process_func(example(train_json), processor, train_json, end_token="eos")
+
+
+def test_prompt_and_resize_are_parameters(processor, train_json):
+    default = process_func(example(train_json), processor, train_json)
+    other = process_func(example(train_json), processor, train_json, prompt="LaTeX:", resized_height=112,
+                         resized_width=504)
+    assert other["image_grid_thw"].tolist() == [1, 8, 36]
+    assert len(other["input_ids"]) < len(default["input_ids"])  # the tutorial's prompt is longer
+    assert TUTORIAL_PROMPT in processor.tokenizer.decode(default["input_ids"])
+
+
+def test_predict_gives_one_string_per_image(tiny_model_dir, processor, train_json):
+    from transformers import Qwen2VLForConditionalGeneration
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    images = sorted((train_json.parent / "images").glob("*.png"))[:2]
+    predictions = predict_tutorial(model, processor, images, max_new_tokens=4)
+    assert len(predictions) == 2 and all(isinstance(p, str) for p in predictions)
