@@ -42,10 +42,11 @@ demo)
     python ../train.py --model_id=tiny-random --max_steps=20
     python ../infer.py
     echo
-    echo "demo done. Everything is in demo/: the data (LaTeX_OCR/, latex_ocr_*.csv, latex_ocr_*.json),"
-    echo "the adapter and its config (output/Qwen2-VL-2B-LatexOCR/), predictions and metrics"
-    echo "(output/Qwen2-VL-2B-LatexOCR/infer/), SwanLab logs (swanlog/). The model is tiny and random:"
-    echo "the point is that every step runs; on a GPU, 'bash run.sh' trains the real model."
+    echo "demo done, everything is in demo/: data (LaTeX_OCR/, latex_ocr_*.csv, latex_ocr_*.json), the adapter"
+    echo "and its config (output/Qwen2-VL-2B-LatexOCR/), SwanLab logs (swanlog/). The tiny model is random and"
+    echo "barely trained, so its scores are near zero: the demo shows that every step runs."
+    echo "metrics: demo/output/Qwen2-VL-2B-LatexOCR/infer/metrics.json"
+    echo "report:  demo/output/Qwen2-VL-2B-LatexOCR/infer/report.html (open it in a browser)"
     ;;
 test)
     setup
