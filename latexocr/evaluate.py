@@ -60,6 +60,8 @@ def _picture(draw, latex: str) -> str:
     """The formula rendered, or a note saying why it cannot be."""
     if draw is None:
         return ""
+    if not latex.strip():
+        return '<span class="bad">empty prediction</span>'
     try:
         return f'<img src="{_data_uri(draw(metrics.normalize(latex)))}">'
     except ValueError:
