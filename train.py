@@ -59,6 +59,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 # --- setup -------------------------------------------------------------------
 import transformers  # noqa: E402  (imported after the overrides so --help is instant)
 from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft.helpers import disable_input_dtype_casting  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import ProgressCallback  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -244,8 +245,8 @@ args = TrainingArguments(
     optim="adamw_torch_fused" if on_gpu else "adamw_torch", activation_checkpointing=checkpointing,
     activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
     dataloader_num_workers=NUM_WORKERS, dataloader_persistent_workers=NUM_WORKERS > 0,
-    dataloader_pin_memory=on_gpu, include_num_input_tokens_seen=True, remove_unused_columns=False,
-    report_to="none")
+    dataloader_pin_memory=on_gpu, remove_unused_columns=False, report_to="none",
+    logging_nan_inf_filter=False)  # the filter reads the loss every micro-batch: a GPU sync that stalls the queue
 trainer = Trainer(model=model, args=args, train_dataset=train_samples, data_collator=collator, callbacks=callbacks)
 trainer.remove_callback(ProgressCallback)
 progress = ProgressLine()
@@ -255,7 +256,10 @@ if on_gpu:
 if main_process:
     Path(OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
     (Path(OUTPUT_DIR) / "train_config.json").write_text(json.dumps(run_config, indent=1) + "\n")
-result = trainer.train()
+# peft casts each LoRA input to the adapter's fp32; under bf16 autocast that is two full copies of every
+# activation per adapted layer. Without the cast the adapter math runs in bf16, its weights stay fp32.
+with disable_input_dtype_casting(model):
+    result = trainer.train()
 
 # --- save --------------------------------------------------------------------
 if main_process:
@@ -267,7 +271,7 @@ if main_process:
     results = dict(steps=trainer.state.global_step, train_runtime_s=result.metrics["train_runtime"],
                    samples_per_s=result.metrics["train_samples_per_second"],
                    steady_samples_per_s=(len(progress.step_ends) - 1) * BATCH_SIZE / steady,
-                   input_tokens_seen=trainer.state.num_input_tokens_seen, micro_batch_size=micro_batch,
+                   micro_batch_size=micro_batch,
                    gradient_accumulation_steps=accumulation, activation_checkpointing=checkpointing,
                    peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0,
                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if on_gpu else 0.0,

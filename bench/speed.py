@@ -41,7 +41,8 @@ import torch  # noqa: E402
 
 from bench.tutorial_recipe import predict_tutorial, train_tutorial  # noqa: E402
 from latexocr import chat, modeling, render, tiny  # noqa: E402
-from latexocr.data import read_conversations, write_conversations  # noqa: E402
+from latexocr.data import Sample, read_conversations, write_conversations  # noqa: E402
+from transformers import AutoProcessor  # noqa: E402
 
 PEAK_FLOPS = 790e12  # H200 dense bf16
 LANGUAGE_PARAMS, VISION_PARAMS = 1.5436e9, 630.65e6  # Qwen2-VL-2B, from DEVICE.md's MFU formula
@@ -58,6 +59,15 @@ def mfu(samples_per_s: float, tokens_per_sample: float, patches_per_sample: floa
 def patches_per_sample(samples: list[tuple[Path, str]], image_sizing: dict) -> float:
     sizes = [chat.load_image(image, image_sizing).size for image, _ in samples]
     return sum((w // 14) * (h // 14) for w, h in sizes) / len(sizes)
+
+
+def padded_tokens_per_sample(samples: list[tuple[Path, str]], image_sizing: dict) -> float:
+    """Tokens per sample in right-padded batches of 16, as train.py forms them (shuffled, seeded)."""
+    collator = chat.TrainCollator(processor, chat.PROMPT, image_sizing)
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(42)).tolist()
+    batches = [order[i:i + 16] for i in range(0, min(len(order), 16 * 8), 16)]
+    tokens = sum(collator([Sample(str(j), *samples[j]) for j in b])["input_ids"].numel() for b in batches)
+    return tokens / sum(len(b) for b in batches)
 
 
 def run_train_py(name: str, *flags: str) -> dict:
@@ -122,6 +132,7 @@ if not train_json.is_file():
     write_conversations(train_json, samples)
 samples = [(s.image, s.text) for s in read_conversations(train_json)]
 print(f"data: {len(samples)} samples in {train_json}")
+processor = AutoProcessor.from_pretrained(model_dir)
 
 # --- work: training ------------------------------------------------------------
 runs = RUNS.split(",")
@@ -132,7 +143,7 @@ for name, flags in [("ours_tutorial_size", ["--image_size=500x100"]), ("ours", [
         result = run_train_py(name, *flags)
         sizing = tutorial_sizing if "--image_size=500x100" in flags else chat.sizing()
         result["patches_per_sample"] = patches_per_sample(samples, sizing)
-        result["tokens_per_sample"] = result["input_tokens_seen"] / (result["steps"] * 16)
+        result["tokens_per_sample"] = padded_tokens_per_sample(samples, sizing)
         results[name] = result
         results_path.write_text(json.dumps(results, indent=1) + "\n")
 if "tutorial" in runs:
