@@ -73,7 +73,12 @@ if use_adapter:
         raise SystemExit(f"{adapter_dir}: no adapter_model.safetensors. Train first, or pass --adapter=<folder> "
                          "(--adapter=none predicts with the base model alone).")
     from peft import PeftModel
-    model = PeftModel.from_pretrained(model, adapter_dir)
+    try:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    except (RuntimeError, ValueError) as e:  # shape mismatches: the adapter belongs to another base model
+        trained_on = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        raise SystemExit(f"the adapter in {adapter_dir} does not fit {model_id}: it was trained on {trained_on}. "
+                         f"Pass that base model as --model_id ({str(e).splitlines()[0][:200]}).") from None
 print(f"model: {model_id}" + (f" + adapter {adapter_dir}" if use_adapter else " (no adapter)") + f" on {device}")
 
 # --- predict -----------------------------------------------------------------

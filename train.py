@@ -45,11 +45,13 @@ LOGGING_STEPS = 10  # optimizer steps between progress lines
 SAVE_STEPS = 100  # optimizer steps between checkpoints
 NUM_WORKERS = min(4, os.cpu_count() or 1)  # DataLoader processes that open and size images
 SEED = 42
+RESUME = True  # continue from the newest complete checkpoint in OUTPUT_DIR when the settings match
 DEVICE = "auto"  # auto (CUDA if present) | cuda | cpu
 GPU_MEMORY_GIB = 0.0  # use at most this much GPU memory (e.g. to act like a smaller card); 0 = all of it
 SWANLAB_MODE = "auto"  # auto (cloud if logged in, else local) | cloud | local | offline | disabled
 SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"
 SWANLAB_EXPERIMENT = "qwen2-vl-2b-lora"
+MAX_LENGTH = 2048  # tokens per sample (image + prompt + answer); longer samples stop the run before it starts
 EVAL_BATCH_SIZE = 64  # images per generation batch
 EVAL_MAX_NEW_TOKENS = 256  # generation cap per formula (real formulas: p95 ~112 tokens)
 # -----------------------------------------------------------------------------
@@ -60,13 +62,13 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 import transformers  # noqa: E402  (imported after the overrides so --help is instant)
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.helpers import disable_input_dtype_casting  # noqa: E402
-from transformers import Trainer, TrainingArguments  # noqa: E402
+from transformers import AutoProcessor, Trainer, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import ProgressCallback  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from latexocr import evaluate, modeling  # noqa: E402
-from latexocr.data import read_conversations  # noqa: E402
+from latexocr.data import atomic_write_text, image_problem, read_conversations  # noqa: E402
 
 if DEVICE == "auto":
     DEVICE = modeling.default_device()
@@ -103,6 +105,20 @@ def swanlab_mode(requested: str) -> str:
     if os.environ.get("SWANLAB_API_KEY") or any(p.is_file() for p in credentials):
         return "cloud"
     return "local"
+
+
+# Settings that must match for a checkpoint to be continued; the rest (steps, logging) may change.
+RESUME_KEYS = ("model_id", "train_json_path", "prompt", "min_pixels", "max_pixels", "image_size", "lora_rank",
+               "lora_alpha", "lora_dropout", "lora_target_modules", "batch_size", "learning_rate",
+               "lr_scheduler_type", "seed")
+
+
+def last_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint-N holding the Trainer's state (written last), adapter and optimizer; a folder
+    left half-written by a crash lacks one of them and is passed over."""
+    complete = [c for c in output_dir.glob("checkpoint-*") if c.name.split("-")[-1].isdigit() and all(
+        (c / name).is_file() for name in ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt"))]
+    return max(complete, key=lambda c: int(c.name.split("-")[-1]), default=None)
 
 
 def divisors_down(n: int) -> list[int]:
@@ -167,21 +183,46 @@ class ProgressLine(ProgressCallback):
 # --- data --------------------------------------------------------------------
 train_samples = read_conversations(TRAIN_JSON_PATH)
 val_samples = read_conversations(VAL_JSON_PATH) if VAL_JSON_PATH else []
-for path, samples in ((TRAIN_JSON_PATH, train_samples), (VAL_JSON_PATH, val_samples)):
-    missing = [s for s in samples if not s.image.is_file()]
-    if missing:
-        raise SystemExit(f"{path}: {len(missing)} image(s) not found, e.g. record {missing[0].id}: "
-                         f"{missing[0].image}. Rerun data2csv.py and csv2json.py, or fix the paths.")
 if not train_samples:
     raise SystemExit(f"{TRAIN_JSON_PATH} has no samples. Run data2csv.py and csv2json.py first.")
 print(f"data: {len(train_samples)} training samples from {TRAIN_JSON_PATH}, "
       f"{len(val_samples)} val samples from {VAL_JSON_PATH}")
 
-# --- model -------------------------------------------------------------------
+# --- pre-flight ----------------------------------------------------------------
+# Every image opens and every sample fits, checked before any weights are loaded or GPU time is spent.
 model_dir = modeling.resolve_model(MODEL_ID)
+processor = AutoProcessor.from_pretrained(model_dir)
+prompt_tokens = len(chat.encode_prompts(processor, [chat.load_image(Image.new("RGB", (28, 28), "white"), {
+    "resized_height": 28, "resized_width": 28})], PROMPT)["input_ids"][0]) - 1  # less the 1 image token
+answer_tokens = processor.tokenizer([s.text for s in train_samples + val_samples], add_special_tokens=False)
+lengths, problems = [], []
+for sample, answer in zip(tqdm(train_samples + val_samples, desc="pre-flight", unit="sample"),
+                          answer_tokens["input_ids"]):
+    problem = image_problem(sample.image)
+    if problem:
+        problems.append(f"record {sample.id}: {problem}: {sample.image}")
+        continue
+    with Image.open(sample.image) as image:
+        length = prompt_tokens + chat.image_tokens(*image.size, image_sizing) + len(answer) + 1
+    lengths.append(length)
+    if length > MAX_LENGTH:
+        problems.append(f"record {sample.id}: {length} tokens, more than max_length={MAX_LENGTH} "
+                        f"(answer of {len(answer)} tokens, image {sample.image})")
+if problems:
+    sources = TRAIN_JSON_PATH + (f" and {VAL_JSON_PATH}" if VAL_JSON_PATH else "")
+    raise SystemExit(f"{len(problems)} sample(s) in {sources} cannot be used:\n  "
+                     + "\n  ".join(problems[:10]) + "\nFix or remove them (csv2json.py skips such rows), "
+                     "or raise --max_length / lower --max_pixels.")
+edges = [0, 64, 128, 256, 512, 1024, MAX_LENGTH + 1]
+counts = [sum(lo <= n < hi for n in lengths) for lo, hi in zip(edges, edges[1:])]
+print("sample length (tokens): " + ", ".join(f"{lo}-{hi - 1}: {c}" for lo, hi, c in zip(edges, edges[1:], counts) if c)
+      + f"; longest {max(lengths)}")
+
+# --- model -------------------------------------------------------------------
 model, processor = modeling.load_base_model(model_dir, DEVICE, place=False)
 lora = LoraConfig(task_type="CAUSAL_LM", r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
                   target_modules=[m.strip() for m in LORA_TARGET_MODULES.split(",") if m.strip()])
+transformers.set_seed(SEED)  # here, so that nothing before (building the tiny model, say) shifts the LoRA init
 model = get_peft_model(model, lora)
 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 total = sum(p.numel() for p in model.parameters())
@@ -253,13 +294,21 @@ progress = ProgressLine()
 trainer.add_callback(progress)
 if on_gpu:
     torch.cuda.reset_peak_memory_stats()
+checkpoint = last_complete_checkpoint(Path(OUTPUT_DIR)) if RESUME else None
+if checkpoint:
+    previous = json.loads((Path(OUTPUT_DIR) / "train_config.json").read_text())
+    changed = [f"{k}: {previous.get(k)!r} -> {run_config[k]!r}" for k in RESUME_KEYS if previous.get(k) != run_config[k]]
+    if changed:
+        raise SystemExit(f"{OUTPUT_DIR} holds checkpoints of a run with other settings ({'; '.join(changed)}). "
+                         "Use another --output_dir, or --resume=false to start over there.")
+    print(f"resuming from {checkpoint} (step {checkpoint.name.split('-')[-1]}); --resume=false starts over")
 if main_process:
     Path(OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
-    (Path(OUTPUT_DIR) / "train_config.json").write_text(json.dumps(run_config, indent=1) + "\n")
+    atomic_write_text(Path(OUTPUT_DIR) / "train_config.json", json.dumps(run_config, indent=1) + "\n")
 # peft casts each LoRA input to the adapter's fp32; under bf16 autocast that is two full copies of every
 # activation per adapted layer. Without the cast the adapter math runs in bf16, its weights stay fp32.
 with disable_input_dtype_casting(model):
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
 # --- save --------------------------------------------------------------------
 if main_process:
@@ -268,7 +317,8 @@ if main_process:
     processor.save_pretrained(OUTPUT_DIR)
     # Steady state leaves out the first step (DataLoader workers starting, kernels warming up).
     steady = progress.step_ends[-1] - progress.step_ends[0] if len(progress.step_ends) > 1 else float("nan")
-    results = dict(steps=trainer.state.global_step, train_runtime_s=result.metrics["train_runtime"],
+    results = dict(steps=trainer.state.global_step, steps_this_run=len(progress.step_ends),
+                   train_runtime_s=result.metrics["train_runtime"],
                    samples_per_s=result.metrics["train_samples_per_second"],
                    steady_samples_per_s=(len(progress.step_ends) - 1) * BATCH_SIZE / steady,
                    micro_batch_size=micro_batch,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from qwen_vl_utils import fetch_image
+from qwen_vl_utils import fetch_image, smart_resize
 
 PROMPT = "Write the formula in this image as LaTeX."
 # Qwen2-VL turns every 28x28 px block into one token. Formulas are wide and short: the bounds keep the
@@ -30,6 +30,16 @@ def sizing(min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, image_siz
     except ValueError:
         raise SystemExit(f"image_size={image_size!r}: expected HEIGHTxWIDTH in px, e.g. 100x500.") from None
     return {"resized_height": height, "resized_width": width}
+
+
+def image_tokens(width: int, height: int, image_sizing: dict) -> int:
+    """Image tokens an image of this size becomes, without decoding it (for checking lengths up front)."""
+    if "resized_height" in image_sizing:
+        height, width = smart_resize(image_sizing["resized_height"], image_sizing["resized_width"], factor=28)
+    else:
+        height, width = smart_resize(height, width, factor=28, min_pixels=image_sizing["min_pixels"],
+                                     max_pixels=image_sizing["max_pixels"])
+    return (height // 28) * (width // 28)
 
 
 def load_image(path: str | Path | Image.Image, image_sizing: dict) -> Image.Image:

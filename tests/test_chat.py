@@ -1,5 +1,6 @@
 """The contract between training and inference: sizing, messages, labels, batches."""
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -94,3 +95,28 @@ def test_collator_batches_images_of_different_sizes(processor, tiny_model_dir, t
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     loss = model(**batch).loss
     assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_image_tokens_counted_from_the_size_match_the_processor(processor):
+    for size, image_sizing in [((300, 60), chat.sizing()), ((1500, 90), chat.sizing()), ((40, 20), chat.sizing()),
+                               ((300, 60), chat.sizing(image_size="500x100"))]:
+        example = chat.encode_example(processor, chat.load_image(formula_image(*size), image_sizing), "x",
+                                      chat.PROMPT)
+        counted = (example["input_ids"] == processor.image_token_id).sum().item()
+        assert chat.image_tokens(*size, image_sizing) == counted, size
+
+
+def test_unusual_image_modes_become_black_on_white_rgb():
+    base = formula_image(200, 40).convert("L")
+    variants = {
+        "CMYK": base.convert("CMYK"),
+        "P": base.convert("P"),
+        "I;16": Image.fromarray(np.asarray(base).astype(np.uint16) * 257),
+        "LA": Image.merge("LA", (base, Image.new("L", base.size, 255))),
+        "transparent P": formula_image(200, 40, mode="RGBA").convert("P"),
+    }
+    for name, image in variants.items():
+        sized = chat.load_image(image, chat.sizing())
+        low, high = sized.convert("L").getextrema()
+        assert sized.mode == "RGB" and low < 100 and high > 200, name
+        assert sized.getpixel((0, 0))[0] > 200, name  # white paper, whatever the mode

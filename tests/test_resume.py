@@ -1,0 +1,52 @@
+"""An interrupted training run continues from its last complete checkpoint and lands where an
+uninterrupted one does."""
+
+import json
+import shutil
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_script
+
+ADAPTER = "output/Qwen2-VL-2B-LatexOCR"
+# A constant learning rate, so that stopping after 4 of 6 steps (as a crash would) leaves the schedule alone.
+COMMON = ["--model_id=tiny-random", "--batch_size=4", "--save_steps=2", "--swanlab_mode=disabled",
+          "--val_json_path=", "--num_workers=0", "--learning_rate=1e-3", "--lr_scheduler_type=constant"]
+
+
+def test_resume_lands_on_the_same_step_and_adapter(tmp_path):
+    run_script("data2csv.py", "--source=synthetic", "--max_data_number=30", cwd=tmp_path)
+    run_script("csv2json.py", cwd=tmp_path)
+    straight = run_script("train.py", *COMMON, "--max_steps=6", "--output_dir=straight", cwd=tmp_path)
+    assert "resuming" not in straight.stdout
+
+    run_script("train.py", *COMMON, "--max_steps=4", "--output_dir=resumed", cwd=tmp_path)
+    # A crash while writing checkpoint-6 leaves a folder without the Trainer's state: it must be passed over.
+    half = tmp_path / "resumed" / "checkpoint-6"
+    shutil.copytree(tmp_path / "resumed" / "checkpoint-4", half)
+    (half / "trainer_state.json").unlink()
+    resumed = run_script("train.py", *COMMON, "--max_steps=6", "--output_dir=resumed", cwd=tmp_path)
+    assert "resuming from resumed/checkpoint-4 (step 4)" in resumed.stdout
+
+    state = json.loads((tmp_path / "resumed" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    steps_run = [json.loads((tmp_path / name / "train_results.json").read_text())["steps_this_run"]
+                 for name in ("straight", "resumed")]
+    assert steps_run == [6, 2]  # the resumed run did only what was left
+    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name
+    assert any(a[name].abs().sum() > 0 for name in a if "lora_B" in name)  # training moved the adapter
+
+
+def test_resume_refuses_checkpoints_of_other_settings(tmp_path):
+    run_script("data2csv.py", "--source=synthetic", "--max_data_number=30", cwd=tmp_path)
+    run_script("csv2json.py", cwd=tmp_path)
+    run_script("train.py", *COMMON, "--max_steps=2", cwd=tmp_path)
+    other = run_script("train.py", *COMMON, "--max_steps=4", "--lora_rank=8", cwd=tmp_path, check=False)
+    assert other.returncode != 0 and "lora_rank: 64 -> 8" in other.stderr
+    fresh = run_script("train.py", *COMMON, "--max_steps=2", "--lora_rank=8", "--resume=false", cwd=tmp_path)
+    assert "resuming" not in fresh.stdout
