@@ -53,8 +53,11 @@ def load_base_model(model_dir: Path, device: str, place: bool = True):
     place=False leaves the weights on the CPU for a Trainer to move (to each process's own GPU).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    if not list(Path(model_dir).glob("*.safetensors")):
+        raise SystemExit(f"{model_dir} has no *.safetensors weights. Pickled weights (.bin, .pt) are never loaded: "
+                         "they can run code. Convert them to safetensors, or download a safetensors release.")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
     processor = AutoProcessor.from_pretrained(model_dir)
     return (model.to(device) if place else model), processor
 
