@@ -125,15 +125,10 @@ def divisors_down(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 
-def largest_fitting_micro_batch(model, collator, samples, per_device_batch: int, device: str) -> int | None:
+def largest_fitting_micro_batch(model, collator, longest, per_device_batch: int, device: str) -> int | None:
     """The largest micro-batch (a divisor of the per-GPU batch, so accumulation keeps the batch size) whose
-    forward and backward on the longest samples fit in GPU memory, leaving room for the optimizer state."""
-    def cost(sample):  # image tokens (from the stored size) plus answer tokens, roughly
-        with Image.open(sample.image) as image:
-            width, height = image.size
-        return min(max(width * height, MIN_PIXELS), MAX_PIXELS) / 784 + len(sample.text) / 3
-
-    longest = sorted(samples, key=cost, reverse=True)
+    forward and backward on the longest samples (`longest`, longest first) fit in GPU memory, leaving room
+    for the optimizer state."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     reserve_bytes = 2 * 4 * trainable + 2**30  # AdamW's two fp32 moments, and 1 GiB of slack
     for micro in divisors_down(per_device_batch):
@@ -213,6 +208,7 @@ if problems:
     raise SystemExit(f"{len(problems)} sample(s) in {sources} cannot be used:\n  "
                      + "\n  ".join(problems[:10]) + "\nFix or remove them (csv2json.py skips such rows), "
                      "or raise --max_length / lower --max_pixels.")
+longest_first = [s for _, s in sorted(zip(lengths, train_samples), key=lambda pair: -pair[0])]
 edges = [0, 64, 128, 256, 512, 1024, MAX_LENGTH + 1]
 counts = [sum(lo <= n < hi for n in lengths) for lo, hi in zip(edges, edges[1:])]
 print("sample length (tokens): " + ", ".join(f"{lo}-{hi - 1}: {c}" for lo, hi, c in zip(edges, edges[1:], counts) if c)
@@ -249,11 +245,11 @@ if on_gpu and not MICRO_BATCH_SIZE:
     model.to(local_device)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    micro_batch = largest_fitting_micro_batch(model, collator, train_samples, per_device_batch, local_device)
+    micro_batch = largest_fitting_micro_batch(model, collator, longest_first, per_device_batch, local_device)
     if GRADIENT_CHECKPOINTING == "auto" and (micro_batch or 0) < min(4, per_device_batch):
         checkpointing = True
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        micro_batch = largest_fitting_micro_batch(model, collator, train_samples, per_device_batch, local_device)
+        micro_batch = largest_fitting_micro_batch(model, collator, longest_first, per_device_batch, local_device)
     if micro_batch is None:
         free = torch.cuda.mem_get_info(local_device)[0] / 2**30
         raise SystemExit(f"Not even one sample of the longest kind fits in GPU memory ({free:.1f} GiB free) with "

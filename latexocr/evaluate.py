@@ -74,12 +74,12 @@ def write_report(path: Path, rows: list[dict], scores: dict, draw=None, limit: i
     worst_first = sorted(rows, key=lambda r: (r["exact_match"], -r["edit_distance"]))[:limit]
     summary = " &middot; ".join(f"{html.escape(k)} <b>{v:.4f}</b>" if isinstance(v, float) else
                                 f"{html.escape(k)} <b>{html.escape(str(v))}</b>" for k, v in scores.items())
+    rendered = {True: "renders the same", False: "renders differently", None: "reference does not render"}
     body = []
     for rank, row in enumerate(worst_first, 1):
         with Image.open(row["image"]) as image:
             source = _data_uri(image)
         verdict = "ok" if row["exact_match"] else "bad"
-        rendered = {True: "renders the same", False: "renders differently", None: "reference does not render"}
         body.append(
             f'<tr><td>{rank}<br><small>{html.escape(row["id"])}</small></td>'
             f'<td><img src="{source}"></td>'
