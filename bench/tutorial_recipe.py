@@ -23,8 +23,9 @@ as the tutorial wrote them. What differs, and why:
    10th), `save_strategy="no"` (no checkpoint writing inside the timed run), `max_steps` and `seed`
    (also set before LoRA's random init), no SwanLab callback, and the `.map` cache in a fresh folder under
    output_dir, deleted afterwards, so each run preprocesses cold.
-6. The prompt, the answer's end token (the tutorial's pad token, or `<|im_end|>`) and the image sizes are
-   parameters whose defaults are the tutorial's, so a run can be set up to match train.py's inputs.
+6. The prompt, the answer's end token (the tutorial's pad token, or `<|im_end|>`), the image sizes and the
+   LoRA dropout are parameters whose defaults are the tutorial's, so a run can be set up to match
+   train.py's inputs (dropout 0 takes the random masks out of a loss-by-loss comparison).
 7. predict_tutorial takes `max_new_tokens` (the tutorial's 8192 lets an untrained model run for minutes
    per image), puts the model in eval mode (the tutorial's model was loaded for inference) and moves the
    inputs to the model's device instead of "cuda".
@@ -139,7 +140,7 @@ class LossRecorder(TrainerCallback):
 
 def train_tutorial(model_dir: str | Path, train_json: str | Path, output_dir: str | Path, max_steps: int = -1,
                    seed: int = 42, prompt: str = TUTORIAL_PROMPT, end_token: str = "pad", resized_height: int = 500,
-                   resized_width: int = 100, device: str | None = None) -> dict:
+                   resized_width: int = 100, lora_dropout: float = 0.05, device: str | None = None) -> dict:
     """Run the tutorial's preprocessing and training; return timings, losses, memory and what was trained on.
 
     samples, tokens, padded_tokens and image_patches count the micro-batches that reached the model, not
@@ -177,7 +178,7 @@ def train_tutorial(model_dir: str | Path, train_json: str | Path, output_dir: st
         config = LoraConfig(
             task_type=TaskType.CAUSAL_LM,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-            inference_mode=False, r=64, lora_alpha=16, lora_dropout=0.05, bias="none")
+            inference_mode=False, r=64, lora_alpha=16, lora_dropout=lora_dropout, bias="none")
         peft_model = get_peft_model(model, config)
         args = TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=BATCH_SIZE,
                                  gradient_accumulation_steps=GRADIENT_ACCUMULATION_STEPS, logging_steps=1,
@@ -224,7 +225,7 @@ def train_tutorial(model_dir: str | Path, train_json: str | Path, output_dir: st
         "versions": {name: version(name) for name in ("torch", "transformers", "peft", "accelerate", "datasets",
                                                        "qwen-vl-utils")},
         "settings": {"prompt": prompt, "end_token": end_token, "resized_height": resized_height,
-                     "resized_width": resized_width, "max_steps": max_steps, "seed": seed,
+                     "resized_width": resized_width, "lora_dropout": lora_dropout, "max_steps": max_steps, "seed": seed,
                      "batch_size": BATCH_SIZE, "gradient_accumulation_steps": GRADIENT_ACCUMULATION_STEPS},
     }
     del trainer, peft_model, model
