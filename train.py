@@ -41,6 +41,7 @@ LR_SCHEDULER_TYPE = "linear"  # linear (decay to 0) | constant | cosine | ...
 NUM_TRAIN_EPOCHS = 2
 MAX_STEPS = -1  # optimizer steps; -1 = run NUM_TRAIN_EPOCHS
 GRADIENT_CHECKPOINTING = "auto"  # auto (only when memory is short) | true | false; GPU only
+TORCH_COMPILE = False  # compile each language-model layer with torch.compile (fewer, fused kernels); GPU only
 LOGGING_STEPS = 10  # optimizer steps between progress lines
 SAVE_STEPS = 100  # optimizer steps between checkpoints
 NUM_WORKERS = min(4, os.cpu_count() or 1)  # DataLoader processes that open and size images
@@ -125,18 +126,75 @@ def divisors_down(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 
-def largest_fitting_micro_batch(model, collator, longest, per_device_batch: int, device: str) -> int | None:
+class AnswerLogits:
+    """The language-model head applied only where a label is (the answer and its end token), and the loss there.
+
+    The model's own loss builds logits at every position, (batch, length, 151,936) in fp32 and bf16 with
+    their gradients: the largest tensors of a step, though only the answer's ~20% of positions have a label.
+    Picking those positions before the head gives the same loss (sum of token losses / labelled tokens).
+    The positions are found by the collator, on the CPU: finding them on the GPU would stall it with a sync."""
+
+    def __init__(self, model, collator):
+        self.collator, self.positions = collator, None
+        model.get_output_embeddings().register_forward_pre_hook(self.keep_positions)
+
+    def __call__(self, samples) -> dict[str, torch.Tensor]:
+        batch = self.collator(samples)
+        labels = batch["labels"]
+        predicts_a_label = torch.zeros_like(labels, dtype=torch.bool)
+        predicts_a_label[:, :-1] = labels[:, 1:] != chat.IGNORE_INDEX  # position i predicts token i + 1
+        batch["answer_positions"] = predicts_a_label.flatten().nonzero().squeeze(1)  # in the flattened batch
+        batch["answer_targets"] = labels.flatten()[batch["answer_positions"] + 1]
+        return batch
+
+    def keep_positions(self, head, args):
+        if self.positions is None:  # generation, evaluation: every position
+            return None
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.positions),)
+
+    def loss(self, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        """Cross-entropy summed over the labelled tokens, divided by the labelled tokens of the whole optimizer step
+        (num_items_in_batch, as the Trainer counts them) or of this batch."""
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        self.positions, targets = inputs.pop("answer_positions"), inputs.pop("answer_targets")
+        try:
+            logits = model(**inputs).logits
+        finally:
+            self.positions = None
+        total = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+        return total / (num_items_in_batch if num_items_in_batch is not None else len(targets))
+
+
+class AnswerLossTrainer(Trainer):
+    """The Trainer with AnswerLogits' loss; scaled for accumulation and processes as the model's own loss is."""
+
+    def __init__(self, *args, answer_logits: AnswerLogits, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.answer_logits, self.loss_is_scaled_for_ga = answer_logits, True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = self.answer_logits.loss(model, inputs, num_items_in_batch)
+        if num_items_in_batch is None:
+            loss = loss / self.current_gradient_accumulation_steps
+        elif self.args.average_tokens_across_devices:  # num_items_in_batch counts every process's tokens
+            loss = loss * self.accelerator.num_processes
+        return loss
+
+
+def largest_fitting_micro_batch(model, answer_logits: AnswerLogits, longest, per_device_batch: int,
+                                device: str) -> int | None:
     """The largest micro-batch (a divisor of the per-GPU batch, so accumulation keeps the batch size) whose
     forward and backward on the longest samples (`longest`, longest first) fit in GPU memory, leaving room
     for the optimizer state."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     reserve_bytes = 2 * 4 * trainable + 2**30  # AdamW's two fp32 moments, and 1 GiB of slack
     for micro in divisors_down(per_device_batch):
-        batch = {k: v.to(device) for k, v in collator(longest[:micro]).items()}
+        batch = {k: v.to(device) for k, v in answer_logits(longest[:micro]).items()}
         try:
             reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                model(**batch).loss.backward()
+                answer_logits.loss(model, batch).backward()
             del reserve
             return micro
         except torch.OutOfMemoryError:
@@ -224,6 +282,11 @@ trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 total = sum(p.numel() for p in model.parameters())
 print(f"model: {MODEL_ID} from {model_dir}; LoRA r={LORA_RANK} trains {trainable:,} of {total:,} parameters "
       f"({100 * trainable / total:.2f}%) on {DEVICE}")
+if TORCH_COMPILE and on_gpu:
+    # Layer by layer: the layers share one compiled graph, and the vision tower's per-image Python stays eager.
+    for layer in model.get_base_model().model.language_model.layers:
+        layer.compile(dynamic=True)
+    print("torch.compile: each language-model layer (compiling takes a minute at the first steps)")
 
 # The configuration this run uses: saved next to the adapter, logged to SwanLab, read back by infer.py.
 run_config = dict(config, device=DEVICE, model_dir=str(model_dir), train_samples=len(train_samples),
@@ -236,7 +299,7 @@ run_config = dict(config, device=DEVICE, model_dir=str(model_dir), train_samples
 # --- memory ------------------------------------------------------------------
 # The largest micro-batch that fits, without activation checkpointing when possible: checkpointing
 # recomputes every layer's forward (a third more compute), small micro-batches leave the GPU idle.
-collator = chat.TrainCollator(processor, PROMPT, image_sizing)
+answer_logits = AnswerLogits(model, chat.TrainCollator(processor, PROMPT, image_sizing))  # also the collator
 per_device_batch = BATCH_SIZE // world_size
 checkpointing = GRADIENT_CHECKPOINTING == "true" and on_gpu
 micro_batch = MICRO_BATCH_SIZE or per_device_batch
@@ -245,11 +308,11 @@ if on_gpu and not MICRO_BATCH_SIZE:
     model.to(local_device)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    micro_batch = largest_fitting_micro_batch(model, collator, longest_first, per_device_batch, local_device)
+    micro_batch = largest_fitting_micro_batch(model, answer_logits, longest_first, per_device_batch, local_device)
     if GRADIENT_CHECKPOINTING == "auto" and (micro_batch or 0) < min(4, per_device_batch):
         checkpointing = True
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        micro_batch = largest_fitting_micro_batch(model, collator, longest_first, per_device_batch, local_device)
+        micro_batch = largest_fitting_micro_batch(model, answer_logits, longest_first, per_device_batch, local_device)
     if micro_batch is None:
         free = torch.cuda.mem_get_info(local_device)[0] / 2**30
         raise SystemExit(f"Not even one sample of the longest kind fits in GPU memory ({free:.1f} GiB free) with "
@@ -284,7 +347,8 @@ args = TrainingArguments(
     dataloader_num_workers=NUM_WORKERS, dataloader_persistent_workers=NUM_WORKERS > 0,
     dataloader_pin_memory=on_gpu, remove_unused_columns=False, report_to="none",
     logging_nan_inf_filter=False)  # the filter reads the loss every micro-batch: a GPU sync that stalls the queue
-trainer = Trainer(model=model, args=args, train_dataset=train_samples, data_collator=collator, callbacks=callbacks)
+trainer = AnswerLossTrainer(model=model, args=args, train_dataset=train_samples, data_collator=answer_logits,
+                            callbacks=callbacks, answer_logits=answer_logits)
 trainer.remove_callback(ProgressCallback)
 progress = ProgressLine()
 trainer.add_callback(progress)
@@ -329,8 +393,9 @@ if main_process:
 # --- evaluate ------------------------------------------------------------------
 if main_process and val_samples:
     model.config.use_cache = True
-    metrics = evaluate.evaluate(model, processor, val_samples, PROMPT, image_sizing,
-                                Path(OUTPUT_DIR) / "eval", EVAL_BATCH_SIZE, EVAL_MAX_NEW_TOKENS)
+    with torch.compiler.set_stance("force_eager"):  # generation's growing shapes would only recompile
+        metrics = evaluate.evaluate(model, processor, val_samples, PROMPT, image_sizing,
+                                    Path(OUTPUT_DIR) / "eval", EVAL_BATCH_SIZE, EVAL_MAX_NEW_TOKENS)
     if tracking != "disabled":
         import swanlab
         swanlab.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})

@@ -3,8 +3,9 @@
 Both train the same Qwen2-VL-2B shape (random weights: compute and memory do not depend on the values)
 with the same LoRA, the same effective batch of 16 and the same samples, rendered from real LaTeX_OCR
 formulas. Rows: the tutorial recipe; train.py at the tutorial's image size (the same work, for the ratio);
-train.py with its own defaults; the same capped to 24 and 12 GiB of GPU memory. Then generation: the
-tutorial's one-image loop against infer.py's batched path, same images, same token cap.
+train.py with its own defaults; the same with --torch_compile=true; the defaults capped to 24 and
+12 GiB of GPU memory. Then generation: the tutorial's one-image loop against infer.py's batched path,
+same images, same token cap.
 
 Reads:  ../shared/data/latex_ocr_val_formulas.txt when present (else synthetic formulas)
 Writes: bench_results/bench.json (every number below) and bench_results/bench.md (the table)
@@ -33,7 +34,7 @@ TUTORIAL_EVAL_IMAGES = 4  # images for the tutorial's one-at-a-time loop (its sp
 EVAL_MAX_NEW_TOKENS = 64  # token cap for both; random weights never stop early, so every image uses it all
 FORMULAS_PATH = str(ROOT.parent / "shared" / "data" / "latex_ocr_val_formulas.txt")
 RESULTS_DIR = "bench_results"
-RUNS = "tutorial,ours_tutorial_size,ours,ours_24gib,ours_12gib,eval"  # which rows to measure
+RUNS = "tutorial,ours_tutorial_size,ours,ours_compiled,ours_24gib,ours_12gib,eval"  # which rows to measure
 # -----------------------------------------------------------------------------
 config = apply_overrides(globals())
 
@@ -75,7 +76,8 @@ def run_train_py(name: str, *flags: str) -> dict:
     output_dir = results_dir / name
     command = [sys.executable, str(ROOT / "train.py"), f"--model_id={model_dir}", f"--train_json_path={train_json}",
                "--val_json_path=", f"--output_dir={output_dir}", f"--max_steps={OUR_STEPS}", "--logging_steps=10",
-               "--save_steps=1000000", "--swanlab_mode=disabled", *(["--device=cpu"] if TINY else []), *flags]
+               "--save_steps=1000000", "--resume=false", "--swanlab_mode=disabled",
+               *(["--device=cpu"] if TINY else []), *flags]
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=results_dir)
     wall = time.perf_counter() - start
@@ -138,7 +140,8 @@ processor = AutoProcessor.from_pretrained(model_dir)
 runs = RUNS.split(",")
 tutorial_sizing = chat.sizing(image_size="500x100")
 for name, flags in [("ours_tutorial_size", ["--image_size=500x100"]), ("ours", []),
-                    ("ours_24gib", ["--gpu_memory_gib=24"]), ("ours_12gib", ["--gpu_memory_gib=12"])]:
+                    ("ours_compiled", ["--torch_compile=true"]), ("ours_24gib", ["--gpu_memory_gib=24"]),
+                    ("ours_12gib", ["--gpu_memory_gib=12"])]:
     if name in runs and (on_gpu or "gib" not in name):
         result = run_train_py(name, *flags)
         sizing = tutorial_sizing if "--image_size=500x100" in flags else chat.sizing()
@@ -153,7 +156,7 @@ if "tutorial" in runs:
     result["tokens_per_sample"] = result["padded_tokens"] / result["samples"]
     result["activation_checkpointing"] = on_gpu
     results["tutorial"] = result
-for name in ("tutorial", "ours_tutorial_size", "ours", "ours_24gib", "ours_12gib"):
+for name in ("tutorial", "ours_tutorial_size", "ours", "ours_compiled", "ours_24gib", "ours_12gib"):
     if name in results:
         r = results[name]
         r["preprocess_s"] = r.get("preprocess_s", 0.0)  # train.py prepares images on the fly, in workers
@@ -199,7 +202,7 @@ lines = [f"{env['device']}, {env['date']}; torch {env['torch']}, transformers {e
          "micro-batch x accum, checkpointing | vs tutorial |",
          "|---|---|---|---|---|---|---|---|---|"]
 base = results.get("tutorial")
-for name in ("tutorial", "ours_tutorial_size", "ours", "ours_24gib", "ours_12gib"):
+for name in ("tutorial", "ours_tutorial_size", "ours", "ours_compiled", "ours_24gib", "ours_12gib"):
     if name not in results:
         continue
     r = results[name]
