@@ -65,9 +65,10 @@ def table_rows(path: Path):
     else:
         raise SystemExit(f"--source={path}: expected a .parquet file or folder, a .csv or a .jsonl file.")
     if path.suffix in (".csv", ".jsonl", ".json"):
-        image_column = next((c for c in ("image_path", "image") if c in frame.columns), None)
-        frame[image_column or "image"] = [
-            str(path.resolve().parent / p) if isinstance(p, str) else p for p in frame.get(image_column, [])]
+        image_column = next((c for c in ("image_path", "image") if c in frame.columns), "image_path")
+        if image_column in frame.columns:
+            frame[image_column] = [str(path.resolve().parent / p) if isinstance(p, str) else p
+                                   for p in frame[image_column]]
     if image_column not in frame.columns or "text" not in frame.columns:
         raise SystemExit(f"{path}: expected columns 'image' (or 'image_path') and 'text', found "
                          f"{list(frame.columns)}. Rename the columns to match.")
@@ -144,6 +145,15 @@ def save_split(split: str, image_dir: Path, csv_path: str, max_rows: int) -> str
         raise SystemExit(f"{image_dir} holds images from another source ({origin_path.read_text().strip()}). "
                          "Use another --dataset_dir, or delete that folder.")
     atomic_write_text(origin_path, json.dumps(origin) + "\n")
+    # A killed run leaves its temporary files behind, never a half-written image or CSV (those are renamed
+    # into place whole): clear them, so a rerun leaves the folders as an uninterrupted run would.
+    csv_file, rejects_path = Path(csv_path), Path(csv_path).with_suffix(".rejects.csv")
+    leftovers = [*image_dir.glob(".*.png"), *image_dir.glob(f".{origin_path.name}.*.tmp"),
+                 *csv_file.parent.glob(f".{csv_file.name}.*.tmp"), *csv_file.parent.glob(f".{rejects_path.name}.*.tmp")]
+    for leftover in leftovers:
+        leftover.unlink()
+    if leftovers:
+        print(f"removed {len(leftovers)} temporary file(s) left by an interrupted run")
 
     rows, rejects, reused = [], [], 0
     for index, (image, text) in enumerate(tqdm(islice(source_rows(split), max_rows), total=max_rows,
@@ -161,11 +171,12 @@ def save_split(split: str, image_dir: Path, csv_path: str, max_rows: int) -> str
         rows.append((path, text))
 
     write_csv(csv_path, rows)
-    rejects_path = Path(csv_path).with_suffix(".rejects.csv")
     if rejects:
         write_csv(rejects_path, rejects, header=("image_path", "reason"))
         for path, reason in rejects[:5]:
             print(f"skipped {reason}")
+    else:  # an earlier run's list would name rows that are saved now
+        rejects_path.unlink(missing_ok=True)
     assert len(read_csv(csv_path)) == len(rows)
     return (f"{len(rows)} {split} rows -> {csv_path}, images in {image_dir}/ ({len(rows) - reused} new, "
             f"{reused} already there), {len(rejects)} skipped" + (f" -> {rejects_path}" if rejects else ""))

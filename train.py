@@ -114,11 +114,20 @@ RESUME_KEYS = ("model_id", "train_json_path", "prompt", "min_pixels", "max_pixel
                "lr_scheduler_type", "seed")
 
 
+def is_whole_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
-    """The newest checkpoint-N holding the Trainer's state (written last), adapter and optimizer; a folder
-    left half-written by a crash lacks one of them and is passed over."""
+    """The newest checkpoint-N holding the Trainer's state (written last, in place), adapter and optimizer; a
+    folder left by a crash lacks one of them, or holds half of the state, and is passed over."""
     complete = [c for c in output_dir.glob("checkpoint-*") if c.name.split("-")[-1].isdigit() and all(
-        (c / name).is_file() for name in ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt"))]
+        (c / name).is_file() for name in ("adapter_model.safetensors", "optimizer.pt"))
+        and is_whole_json(c / "trainer_state.json")]
     return max(complete, key=lambda c: int(c.name.split("-")[-1]), default=None)
 
 
@@ -272,6 +281,16 @@ counts = [sum(lo <= n < hi for n in lengths) for lo, hi in zip(edges, edges[1:])
 print("sample length (tokens): " + ", ".join(f"{lo}-{hi - 1}: {c}" for lo, hi, c in zip(edges, edges[1:], counts) if c)
       + f"; longest {max(lengths)}")
 
+# Checkpoints of other settings are refused here, before the weights load, not minutes later.
+checkpoint = last_complete_checkpoint(Path(OUTPUT_DIR)) if RESUME else None
+if checkpoint:
+    previous = json.loads((Path(OUTPUT_DIR) / "train_config.json").read_text())
+    changed = [f"{k}: {previous.get(k)!r} -> {config[k]!r}" for k in RESUME_KEYS if previous.get(k) != config[k]]
+    if changed:
+        raise SystemExit(f"{OUTPUT_DIR} holds checkpoints of a run with other settings ({'; '.join(changed)}). "
+                         "Use another --output_dir, or --resume=false to start over there.")
+    print(f"resuming from {checkpoint} (step {checkpoint.name.split('-')[-1]}); --resume=false starts over")
+
 # --- model -------------------------------------------------------------------
 model, processor = modeling.load_base_model(model_dir, DEVICE, place=False)
 lora = LoraConfig(task_type="CAUSAL_LM", r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
@@ -354,14 +373,6 @@ progress = ProgressLine()
 trainer.add_callback(progress)
 if on_gpu:
     torch.cuda.reset_peak_memory_stats()
-checkpoint = last_complete_checkpoint(Path(OUTPUT_DIR)) if RESUME else None
-if checkpoint:
-    previous = json.loads((Path(OUTPUT_DIR) / "train_config.json").read_text())
-    changed = [f"{k}: {previous.get(k)!r} -> {run_config[k]!r}" for k in RESUME_KEYS if previous.get(k) != run_config[k]]
-    if changed:
-        raise SystemExit(f"{OUTPUT_DIR} holds checkpoints of a run with other settings ({'; '.join(changed)}). "
-                         "Use another --output_dir, or --resume=false to start over there.")
-    print(f"resuming from {checkpoint} (step {checkpoint.name.split('-')[-1]}); --resume=false starts over")
 if main_process:
     Path(OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(OUTPUT_DIR) / "train_config.json", json.dumps(run_config, indent=1) + "\n")

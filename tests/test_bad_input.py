@@ -27,9 +27,11 @@ def test_csv2json_records_each_bad_row_with_its_reason(tmp_path):
     (tmp_path / "truncated.png").write_bytes(truncated[:len(truncated) // 2])
     (tmp_path / "text.png").write_text("this is not an image")
     Image.new("1", (15000, 15000)).save(tmp_path / "bomb.png")  # 225 Mpx: past Pillow's bomb limit
+    Image.new("RGB", (400, 100), "white").save(tmp_path / "full.jpg")
+    (tmp_path / "truncated.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:-200])
     bad = [(tmp_path / "zero.png", "a"), (tmp_path / "truncated.png", "b"), (tmp_path / "text.png", "c"),
            (tmp_path / "bomb.png", "d"), (png(tmp_path / "blank_text.png"), " \t "),
-           (png(tmp_path / "nan.png"), "NaN")]
+           (png(tmp_path / "nan.png"), "NaN"), (tmp_path / "truncated.jpg", "e"), (png(tmp_path / "no_text.png"), "")]
     write_csv(tmp_path / "latex_ocr_train.csv", good + bad)
 
     result = run_script("csv2json.py", "--val_size=2", cwd=tmp_path)
@@ -43,7 +45,42 @@ def test_csv2json_records_each_bad_row_with_its_reason(tmp_path):
     assert "line 25: image too large" in reasons["bomb.png"]
     assert "line 26: empty text" in reasons["blank_text.png"]
     assert "nan.png" not in reasons  # "NaN" is text like any other, not a missing value
-    assert "5 left out" in result.stdout
+    assert "line 28: not a readable image (OSError: image file is truncated" in reasons["truncated.jpg"]
+    assert "line 29: empty text" in reasons["no_text.png"]
+    assert "7 left out" in result.stdout
+
+
+@pytest.mark.parametrize("content", ["path,latex\n0.png,x\n", "image_path\n0.png\n"])  # renamed, missing
+def test_a_csv_with_renamed_or_missing_columns_is_refused_by_name(tmp_path, content):
+    png(tmp_path / "0.png")
+    (tmp_path / "latex_ocr_train.csv").write_text(content)
+    found = str(content.splitlines()[0].split(","))
+    for script, args, message in [
+        ("data2csv.py", ["--source=latex_ocr_train.csv", "--csv_path=out.csv"],
+         f"latex_ocr_train.csv: expected columns 'image' (or 'image_path') and 'text', found {found}"),
+        ("csv2json.py", [], f"latex_ocr_train.csv: expected the header 'image_path,text', found {found}")]:
+        result = run_script(script, *args, cwd=tmp_path, check=False)
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+        no_traceback(result)
+
+
+def test_data2csv_records_source_images_it_cannot_read(tmp_path):
+    png(tmp_path / "ok.png")
+    (tmp_path / "text.png").write_text("this is not an image")
+    rows = "image_path,text\nok.png,x\nmissing.png,y\ntext.png,z\n"
+    (tmp_path / "source.csv").write_text(rows)
+
+    result = run_script("data2csv.py", "--source=source.csv", cwd=tmp_path)
+
+    no_traceback(result)
+    reasons = list(pd.read_csv(tmp_path / "latex_ocr_train.rejects.csv")["reason"])
+    assert reasons[0].startswith("row 1: image unreadable (FileNotFoundError")
+    assert reasons[1].startswith("row 2: image unreadable (UnidentifiedImageError")
+    assert "1 train rows -> latex_ocr_train.csv" in result.stdout
+    assert "2 skipped -> latex_ocr_train.rejects.csv" in result.stdout
+    (tmp_path / "source.csv").write_text(rows.replace("missing.png,y\ntext.png,z\n", ""))  # the bad rows removed
+    run_script("data2csv.py", "--source=source.csv", cwd=tmp_path)
+    assert not (tmp_path / "latex_ocr_train.rejects.csv").exists()  # the old list would name rows no longer there
 
 
 @pytest.fixture(scope="module")

@@ -48,5 +48,6 @@ def test_resume_refuses_checkpoints_of_other_settings(tmp_path):
     run_script("train.py", *COMMON, "--max_steps=2", cwd=tmp_path)
     other = run_script("train.py", *COMMON, "--max_steps=4", "--lora_rank=8", cwd=tmp_path, check=False)
     assert other.returncode != 0 and "lora_rank: 64 -> 8" in other.stderr
+    assert "model:" not in other.stdout  # refused before the weights were loaded
     fresh = run_script("train.py", *COMMON, "--max_steps=2", "--lora_rank=8", "--resume=false", cwd=tmp_path)
     assert "resuming" not in fresh.stdout
