@@ -1,6 +1,7 @@
 """Predict LaTeX for formula images with the base model plus the LoRA adapter that train.py saved.
 
-Reads:  output/Qwen2-VL-2B-LatexOCR/ (adapter + train_config.json: base model, prompt, image sizing),
+Reads:  output/Qwen2-VL-2B-LatexOCR/ (adapter + train_config.json: base model, prompt, image sizing), or the
+        merged model folder export.py wrote (weights + train_config.json),
         and IMAGE: an image file, a folder of images, or a conversation JSON (default: the val JSON
         training used, so ground truth is there and the predictions are scored)
 Writes: output/Qwen2-VL-2B-LatexOCR/infer/predictions.jsonl; with ground truth also metrics.json and
@@ -8,6 +9,7 @@ Writes: output/Qwen2-VL-2B-LatexOCR/infer/predictions.jsonl; with ground truth a
 Run:    python infer.py
         python infer.py --image=formula.png
         python infer.py --adapter=none          (the base model alone, to see what fine-tuning bought)
+        python infer.py --output_dir=output/Qwen2-VL-2B-LatexOCR-merged   (the model export.py merged)
 """
 
 import json
@@ -16,7 +18,7 @@ from pathlib import Path
 from latexocr.config import apply_overrides
 
 # -----------------------------------------------------------------------------
-OUTPUT_DIR = "output/Qwen2-VL-2B-LatexOCR"  # train.py's output folder
+OUTPUT_DIR = "output/Qwen2-VL-2B-LatexOCR"  # train.py's output folder, or export.py's merged model folder
 ADAPTER = ""  # adapter folder; "" = OUTPUT_DIR; none = the base model alone
 MODEL_ID = ""  # base model; "" = the one recorded in OUTPUT_DIR/train_config.json
 IMAGE = ""  # image file, folder of images, or conversation JSON; "" = the val JSON used in training
@@ -35,12 +37,13 @@ from latexocr.data import Sample, atomic_write_text, read_conversations  # noqa:
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 config_path = Path(OUTPUT_DIR) / "train_config.json"
 if not config_path.is_file():
-    raise SystemExit(f"{config_path} not found: {OUTPUT_DIR} is not a folder written by train.py. "
+    raise SystemExit(f"{config_path} not found: {OUTPUT_DIR} is not a folder written by train.py or export.py. "
                      "Train first, or pass --output_dir=<train.py's output_dir>.")
 train_config = json.loads(config_path.read_text())
-use_adapter = ADAPTER.lower() != "none"
+merged = (Path(OUTPUT_DIR) / "config.json").is_file()  # export.py's folder: the model, its adapter merged in
+use_adapter = ADAPTER.lower() != "none" and not merged
 adapter_dir = Path(ADAPTER or OUTPUT_DIR)
-results_dir = Path(RESULTS_DIR or Path(OUTPUT_DIR) / ("infer" if use_adapter else "infer-base"))
+results_dir = Path(RESULTS_DIR or Path(OUTPUT_DIR) / ("infer" if use_adapter or merged else "infer-base"))
 device = modeling.default_device() if DEVICE == "auto" else DEVICE
 prompt = train_config["prompt"]
 image_sizing = chat.sizing(train_config["min_pixels"], train_config["max_pixels"], train_config["image_size"])
@@ -66,7 +69,7 @@ has_references = all(s.text for s in samples)
 print(f"data: {len(samples)} image(s) from {source}" + (" with ground truth" if has_references else ""))
 
 # --- model -------------------------------------------------------------------
-model_id = MODEL_ID or train_config["model_id"]
+model_id = MODEL_ID or (OUTPUT_DIR if merged else train_config["model_id"])
 model, processor = modeling.load_base_model(modeling.resolve_model(model_id), device)
 if use_adapter:
     if not (adapter_dir / "adapter_model.safetensors").is_file():
@@ -79,7 +82,8 @@ if use_adapter:
         trained_on = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
         raise SystemExit(f"the adapter in {adapter_dir} does not fit {model_id}: it was trained on {trained_on}. "
                          f"Pass that base model as --model_id ({str(e).splitlines()[0][:200]}).") from None
-print(f"model: {model_id}" + (f" + adapter {adapter_dir}" if use_adapter else " (no adapter)") + f" on {device}")
+print(f"model: {model_id}" + (f" + adapter {adapter_dir}" if use_adapter else " (adapter merged in)" if merged
+                              else " (no adapter)") + f" on {device}")
 
 # --- predict -----------------------------------------------------------------
 if has_references:

@@ -41,9 +41,11 @@ demo)
     python ../csv2json.py
     python ../train.py --model_id=tiny-random --max_steps=20
     python ../infer.py
+    python ../export.py
     echo
     echo "demo done, everything is in demo/: data (LaTeX_OCR/, latex_ocr_*.csv, latex_ocr_*.json), the adapter"
-    echo "and its config (output/Qwen2-VL-2B-LatexOCR/), SwanLab logs (swanlog/). The tiny model is random and"
+    echo "and its config (output/Qwen2-VL-2B-LatexOCR/), the model with the adapter merged in"
+    echo "(output/Qwen2-VL-2B-LatexOCR-merged/), SwanLab logs (swanlog/). The tiny model is random and"
     echo "barely trained, so its scores are near zero: the demo shows that every step runs."
     echo "metrics: demo/output/Qwen2-VL-2B-LatexOCR/infer/metrics.json"
     echo "report:  demo/output/Qwen2-VL-2B-LatexOCR/infer/report.html (open it in a browser)"

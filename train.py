@@ -6,14 +6,19 @@ Writes: output/Qwen2-VL-2B-LatexOCR/ with adapter_model.safetensors, adapter_con
         checkpoints in output/Qwen2-VL-2B-LatexOCR/checkpoint-*; SwanLab logs in ./swanlog
         train_results.json (speed, memory, the micro-batch size and checkpointing it chose)
 Run:    python train.py                                          (a CUDA GPU with 12 GB or more)
+        torchrun --nproc_per_node=4 train.py                     (4 GPUs, data parallel; see README "Several GPUs")
         python train.py --model_id=tiny-random --max_steps=20   (offline, CPU, a tiny random model)
 """
 
+import contextlib
 import gc
+import importlib.util
 import json
 import os
 import platform
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,6 +54,7 @@ SEED = 42
 RESUME = True  # continue from the newest complete checkpoint in OUTPUT_DIR when the settings match
 DEVICE = "auto"  # auto (CUDA if present) | cuda | cpu
 GPU_MEMORY_GIB = 0.0  # use at most this much GPU memory (e.g. to act like a smaller card); 0 = all of it
+DISTRIBUTED = "ddp"  # with several GPUs: ddp (a whole model per GPU) | zero2 | zero3 (DeepSpeed) | fsdp; see README
 SWANLAB_MODE = "auto"  # auto (cloud if logged in, else local) | cloud | local | offline | disabled
 SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"
 SWANLAB_EXPERIMENT = "qwen2-vl-2b-lora"
@@ -81,20 +87,58 @@ if DEVICE == "auto":
 if DEVICE == "cuda" and not torch.cuda.is_available():
     raise SystemExit("--device=cuda, but torch sees no CUDA GPU. Check the driver, or use --device=cpu.")
 on_gpu = DEVICE == "cuda"
+# torchrun and accelerate launch start one process per GPU and tell each where it stands in these variables.
 rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-main_process = rank == 0
+local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # this process's GPU on its machine
+main_process = rank == 0  # the one process that prints, tracks, saves and scores
+if not main_process:  # every process runs this script; rank 0 speaks for all, errors still reach stderr
+    sys.stdout = open(os.devnull, "w")
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore")
 if GRADIENT_CHECKPOINTING not in ("auto", "true", "false"):
     raise SystemExit(f"--gradient_checkpointing={GRADIENT_CHECKPOINTING}: expected auto, true or false.")
 if BATCH_SIZE % world_size:
-    raise SystemExit(f"batch_size={BATCH_SIZE} does not split evenly over {world_size} GPUs.")
+    raise SystemExit(f"batch_size={BATCH_SIZE} (samples per optimizer step, over all processes) does not split evenly "
+                     f"over {world_size} processes. Pass a multiple of {world_size}, e.g. "
+                     f"--batch_size={max(world_size, BATCH_SIZE - BATCH_SIZE % world_size)}.")
+if DISTRIBUTED not in ("ddp", "zero2", "zero3", "fsdp"):
+    raise SystemExit(f"--distributed={DISTRIBUTED}: expected ddp, zero2, zero3 or fsdp.")
+if DISTRIBUTED.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
+    raise SystemExit(f"--distributed={DISTRIBUTED} runs on DeepSpeed, which is optional and not installed:\n"
+                     "  pip install deepspeed==0.19.8\n"
+                     "Or use --distributed=fsdp (shards the model like zero3; nothing to install) or ddp.")
+if DISTRIBUTED == "fsdp" and not on_gpu:  # DeepSpeed has a CPU backend (gloo), accelerate's FSDP has none
+    raise SystemExit("--distributed=fsdp needs CUDA GPUs: accelerate applies FSDP only over GPUs (on a CPU it would "
+                     "quietly train as ddp). Use --distributed=ddp, zero2 or zero3 on a CPU.")
+if on_gpu and local_rank >= torch.cuda.device_count():
+    raise SystemExit(f"process {rank} was given GPU {local_rank}, but this machine has {torch.cuda.device_count()}. "
+                     "Start one process per GPU at most (torchrun --nproc_per_node, accelerate launch "
+                     "--num_processes).")
+sharded = DISTRIBUTED in ("zero3", "fsdp")  # the frozen weights too are split over the GPUs, none holds the whole model
 image_sizing = chat.sizing(MIN_PIXELS, MAX_PIXELS, IMAGE_SIZE)
 transformers.set_seed(SEED)
 if on_gpu:
+    torch.cuda.set_device(local_rank)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if GPU_MEMORY_GIB:
-        gpu = int(os.environ.get("LOCAL_RANK", "0"))
-        total = torch.cuda.get_device_properties(gpu).total_memory / 2**30
-        torch.cuda.set_per_process_memory_fraction(min(1.0, GPU_MEMORY_GIB / total), gpu)
+        total = torch.cuda.get_device_properties(local_rank).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, GPU_MEMORY_GIB / total), local_rank)
+if world_size > 1:
+    # Made here rather than by the Trainer (which takes it over), so that rank 0 can fetch the model first and
+    # the memory probe can agree on one micro-batch for all processes.
+    torch.distributed.init_process_group("nccl" if on_gpu else "gloo",
+                                         device_id=torch.device("cuda", local_rank) if on_gpu else None)
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Rank 0 runs the block first (downloading the model, building the tiny one); the other processes then find
+    the files in place instead of writing the same files at the same time."""
+    if world_size > 1 and not main_process:
+        torch.distributed.barrier()
+    yield
+    if world_size > 1 and main_process:
+        torch.distributed.barrier()
 
 
 def swanlab_mode(requested: str) -> str:
@@ -111,7 +155,9 @@ def swanlab_mode(requested: str) -> str:
 # Settings that must match for a checkpoint to be continued; the rest (steps, logging) may change.
 RESUME_KEYS = ("model_id", "train_json_path", "prompt", "min_pixels", "max_pixels", "image_size", "lora_rank",
                "lora_alpha", "lora_dropout", "lora_target_modules", "batch_size", "learning_rate",
-               "lr_scheduler_type", "seed")
+               "lr_scheduler_type", "seed", "distributed")
+# Where each DISTRIBUTED setting keeps the optimizer state in a checkpoint (DeepSpeed writes `latest` after its states).
+OPTIMIZER_STATE = {"ddp": "optimizer.pt", "zero2": "latest", "zero3": "latest", "fsdp": "optimizer.bin"}
 
 
 def is_whole_json(path: Path) -> bool:
@@ -125,9 +171,9 @@ def is_whole_json(path: Path) -> bool:
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
     """The newest checkpoint-N holding the Trainer's state (written last, in place), adapter and optimizer; a
     folder left by a crash lacks one of them, or holds half of the state, and is passed over."""
+    needed = ("adapter_model.safetensors", OPTIMIZER_STATE[DISTRIBUTED])
     complete = [c for c in output_dir.glob("checkpoint-*") if c.name.split("-")[-1].isdigit() and all(
-        (c / name).is_file() for name in ("adapter_model.safetensors", "optimizer.pt"))
-        and is_whole_json(c / "trainer_state.json")]
+        (c / name).is_file() for name in needed) and is_whole_json(c / "trainer_state.json")]
     return max(complete, key=lambda c: int(c.name.split("-")[-1]), default=None)
 
 
@@ -216,6 +262,16 @@ def largest_fitting_micro_batch(model, answer_logits: AnswerLogits, longest, per
     return None
 
 
+def smallest_over_processes(micro: int | None, device: str) -> int | None:
+    """The smallest micro-batch any process found to fit (None when one found none). Every process must use the same
+    one: with different gradient accumulation they would synchronise gradients at different forward passes."""
+    if world_size == 1:
+        return micro
+    smallest = torch.tensor(micro or 0, device=device)
+    torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
+    return int(smallest) or None
+
+
 class ProgressLine(ProgressCallback):
     """The progress bar, plus one compact line per logging interval instead of a dict dump."""
 
@@ -252,14 +308,15 @@ print(f"data: {len(train_samples)} training samples from {TRAIN_JSON_PATH}, "
 
 # --- pre-flight ----------------------------------------------------------------
 # Every image opens and every sample fits, checked before any weights are loaded or GPU time is spent.
-model_dir = modeling.resolve_model(MODEL_ID)
+with main_process_first():
+    model_dir = modeling.resolve_model(MODEL_ID)
 processor = AutoProcessor.from_pretrained(model_dir)
 prompt_tokens = len(chat.encode_prompts(processor, [chat.load_image(Image.new("RGB", (28, 28), "white"), {
     "resized_height": 28, "resized_width": 28})], PROMPT)["input_ids"][0]) - 1  # less the 1 image token
 answer_tokens = processor.tokenizer([s.text for s in train_samples + val_samples], add_special_tokens=False)
 lengths, problems = [], []
-for sample, answer in zip(tqdm(train_samples + val_samples, desc="pre-flight", unit="sample"),
-                          answer_tokens["input_ids"]):
+for sample, answer in zip(tqdm(train_samples + val_samples, desc="pre-flight", unit="sample",
+                               disable=not main_process), answer_tokens["input_ids"]):
     problem = image_problem(sample.image)
     if problem:
         problems.append(f"record {sample.id}: {problem}: {sample.image}")
@@ -283,6 +340,13 @@ print("sample length (tokens): " + ", ".join(f"{lo}-{hi - 1}: {c}" for lo, hi, c
 
 # Checkpoints of other settings are refused here, before the weights load, not minutes later.
 checkpoint = last_complete_checkpoint(Path(OUTPUT_DIR)) if RESUME else None
+if world_size > 1:  # every process must continue from the same step
+    seen = [None] * world_size
+    torch.distributed.all_gather_object(seen, checkpoint)
+    if len(set(seen)) > 1:
+        found = ", ".join(sorted(map(str, set(seen))))
+        raise SystemExit(f"the processes find different checkpoints in {OUTPUT_DIR} ({found}): to resume over "
+                         "several machines, OUTPUT_DIR must be a folder they all share. Or pass --resume=false.")
 if checkpoint:
     previous = json.loads((Path(OUTPUT_DIR) / "train_config.json").read_text())
     changed = [f"{k}: {previous.get(k)!r} -> {config[k]!r}" for k in RESUME_KEYS if previous.get(k) != config[k]]
@@ -318,29 +382,40 @@ run_config = dict(config, device=DEVICE, model_dir=str(model_dir), train_samples
 # --- memory ------------------------------------------------------------------
 # The largest micro-batch that fits, without activation checkpointing when possible: checkpointing
 # recomputes every layer's forward (a third more compute), small micro-batches leave the GPU idle.
+# With zero3 or fsdp no GPU may hold the whole model, so there is nothing to probe with: the run starts
+# with the smallest footprint (1 sample per forward pass, checkpointing on) unless told otherwise.
 answer_logits = AnswerLogits(model, chat.TrainCollator(processor, PROMPT, image_sizing))  # also the collator
 per_device_batch = BATCH_SIZE // world_size
-checkpointing = GRADIENT_CHECKPOINTING == "true" and on_gpu
-micro_batch = MICRO_BATCH_SIZE or per_device_batch
-if on_gpu and not MICRO_BATCH_SIZE:
-    local_device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+checkpointing = on_gpu and (GRADIENT_CHECKPOINTING == "true" or (GRADIENT_CHECKPOINTING == "auto" and sharded))
+micro_batch = MICRO_BATCH_SIZE or (1 if on_gpu and sharded else per_device_batch)
+if on_gpu and sharded and not MICRO_BATCH_SIZE:
+    print(f"memory: not probed with --distributed={DISTRIBUTED}; raise --micro_batch_size (and try "
+          "--gradient_checkpointing=false) while the GPUs have room to spare")
+if on_gpu and not MICRO_BATCH_SIZE and not sharded:
+    local_device = f"cuda:{local_rank}"
     model.to(local_device)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    micro_batch = largest_fitting_micro_batch(model, answer_logits, longest_first, per_device_batch, local_device)
+    micro_batch = smallest_over_processes(
+        largest_fitting_micro_batch(model, answer_logits, longest_first, per_device_batch, local_device), local_device)
     if GRADIENT_CHECKPOINTING == "auto" and (micro_batch or 0) < min(4, per_device_batch):
         checkpointing = True
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        micro_batch = largest_fitting_micro_batch(model, answer_logits, longest_first, per_device_batch, local_device)
+        micro_batch = smallest_over_processes(
+            largest_fitting_micro_batch(model, answer_logits, longest_first, per_device_batch, local_device),
+            local_device)
     if micro_batch is None:
         free = torch.cuda.mem_get_info(local_device)[0] / 2**30
         raise SystemExit(f"Not even one sample of the longest kind fits in GPU memory ({free:.1f} GiB free) with "
-                         "activation checkpointing. Lower --max_pixels, or use a GPU with more memory.")
+                         "activation checkpointing. Lower --max_pixels, use a GPU with more memory, or with several "
+                         "GPUs --distributed=fsdp to split the model over them.")
 if per_device_batch % micro_batch:
     raise SystemExit(f"micro_batch_size={micro_batch} must divide the per-GPU batch size {per_device_batch}.")
 accumulation = per_device_batch // micro_batch
 print(f"batch: {BATCH_SIZE} samples per optimizer step = {micro_batch} per forward pass x {accumulation} "
-      f"accumulation x {world_size} GPU(s); activation checkpointing {'on' if checkpointing else 'off'}")
+      f"accumulation x {world_size} {'GPU(s)' if on_gpu else 'process(es)'}; "
+      f"activation checkpointing {'on' if checkpointing else 'off'}"
+      + (f"; {DISTRIBUTED}" if world_size > 1 or DISTRIBUTED != "ddp" else ""))
 
 # --- train -------------------------------------------------------------------
 callbacks = []
@@ -356,16 +431,27 @@ if tracking != "disabled" and main_process:
     else:
         print(f"SwanLab: mode {tracking}, project {SWANLAB_PROJECT}")
 
+fsdp = DISTRIBUTED == "fsdp"
 args = TrainingArguments(
     output_dir=OUTPUT_DIR, per_device_train_batch_size=micro_batch, gradient_accumulation_steps=accumulation,
     learning_rate=LEARNING_RATE, lr_scheduler_type=LR_SCHEDULER_TYPE, num_train_epochs=NUM_TRAIN_EPOCHS,
     max_steps=MAX_STEPS, logging_steps=LOGGING_STEPS, logging_first_step=True, save_steps=SAVE_STEPS,
     save_total_limit=2, seed=SEED, data_seed=SEED, bf16=on_gpu, use_cpu=not on_gpu,
-    optim="adamw_torch_fused" if on_gpu else "adamw_torch", activation_checkpointing=checkpointing,
-    activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+    optim="adamw_torch_fused" if on_gpu else "adamw_torch", activation_checkpointing=checkpointing and not fsdp,
+    activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing and not fsdp else None,
     dataloader_num_workers=NUM_WORKERS, dataloader_persistent_workers=NUM_WORKERS > 0,
     dataloader_pin_memory=on_gpu, remove_unused_columns=False, report_to="none",
-    logging_nan_inf_filter=False)  # the filter reads the loss every micro-batch: a GPU sync that stalls the queue
+    logging_nan_inf_filter=False,  # the filter reads the loss every micro-batch: a GPU sync that stalls the queue
+    # Several processes: the loss of a step is the mean over the answer tokens of all its samples on all GPUs
+    # (each GPU divides its token sum by the all-reduced token count), so it equals one process with the same batch.
+    average_tokens_across_devices=True,
+    ddp_find_unused_parameters=False,  # every LoRA weight is used in every forward; True costs a graph walk per step
+    deepspeed=str(Path(__file__).resolve().parent / "configs" / f"{DISTRIBUTED}.json")
+    if DISTRIBUTED in ("zero2", "zero3") else None,
+    # FSDP2 shards each decoder and vision block (the model's _no_split_modules); the full state dict at saving
+    # is what lets the Trainer write the adapter as safetensors; FSDP's own checkpointing saves an all-gather.
+    fsdp=fsdp, fsdp_config=dict(version=2, auto_wrap_policy="TRANSFORMER_BASED_WRAP", state_dict_type="FULL_STATE_DICT",
+                                activation_checkpointing=checkpointing) if fsdp else None)
 trainer = AnswerLossTrainer(model=model, args=args, train_dataset=train_samples, data_collator=answer_logits,
                             callbacks=callbacks, answer_logits=answer_logits)
 trainer.remove_callback(ProgressCallback)
@@ -382,8 +468,10 @@ with disable_input_dtype_casting(model):
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
 # --- save --------------------------------------------------------------------
+trainer.save_model(OUTPUT_DIR)  # the adapter only, as safetensors; every process takes part, rank 0 writes
+if world_size > 1:
+    torch.distributed.destroy_process_group()  # the work that needs all processes ends here; rank 0 goes on alone
 if main_process:
-    trainer.save_model(OUTPUT_DIR)  # the adapter only, as safetensors
     (Path(OUTPUT_DIR) / "training_args.bin").unlink(missing_ok=True)  # a pickle; train_config.json says it all
     processor.save_pretrained(OUTPUT_DIR)
     # Steady state leaves out the first step (DataLoader workers starting, kernels warming up).
@@ -402,7 +490,10 @@ if main_process:
           f"{result.metrics['train_runtime']:.0f} s, {results['steady_samples_per_s']:.1f} samples/s)")
 
 # --- evaluate ------------------------------------------------------------------
-if main_process and val_samples:
+if main_process and val_samples and sharded:
+    print(f"eval: skipped, with --distributed={DISTRIBUTED} no process holds the whole model; "
+          f"score the adapter with: python infer.py --output_dir={OUTPUT_DIR}")
+elif main_process and val_samples:
     model.config.use_cache = True
     with torch.compiler.set_stance("force_eager"):  # generation's growing shapes would only recompile
         metrics = evaluate.evaluate(model, processor, val_samples, PROMPT, image_sizing,
