@@ -1,6 +1,6 @@
 """Predict LaTeX for formula images with the base model plus the LoRA adapter that train.py saved.
 
-Reads:  output/Qwen2-VL-2B-LatexOCR/ (adapter + train_config.json: base model, prompt, image sizing),
+Reads:  output/Qwen2-VL-2B-LatexOCR/ (adapter + train_config.json: base model and its family, prompt, image sizing),
         and IMAGE: an image file, a folder of images, or a conversation JSON (default: the val JSON
         training used, so ground truth is there and the predictions are scored)
 Writes: output/Qwen2-VL-2B-LatexOCR/infer/predictions.jsonl; with ground truth also metrics.json and
@@ -43,7 +43,8 @@ adapter_dir = Path(ADAPTER or OUTPUT_DIR)
 results_dir = Path(RESULTS_DIR or Path(OUTPUT_DIR) / ("infer" if use_adapter else "infer-base"))
 device = modeling.default_device() if DEVICE == "auto" else DEVICE
 prompt = train_config["prompt"]
-image_sizing = chat.sizing(train_config["min_pixels"], train_config["max_pixels"], train_config["image_size"])
+image_sizing = chat.sizing(train_config["min_pixels"], train_config["max_pixels"], train_config["image_size"],
+                           train_config["family"]["token_px"])  # the px per image token of the base model
 
 # --- data --------------------------------------------------------------------
 if not (IMAGE or train_config["val_json_path"]):
