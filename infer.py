@@ -1,7 +1,7 @@
 """Predict LaTeX for formula images with the base model plus the LoRA adapter that train.py saved.
 
-Reads:  output/Qwen2-VL-2B-LatexOCR/ (adapter + train_config.json: base model, prompt, image sizing), or the
-        merged model folder export.py wrote (weights + train_config.json),
+Reads:  output/Qwen2-VL-2B-LatexOCR/ (adapter + train_config.json: base model and its family, prompt, image
+        sizing), or the merged model folder export.py wrote (weights + train_config.json),
         and IMAGE: an image file, a folder of images, or a conversation JSON (default: the val JSON
         training used, so ground truth is there and the predictions are scored)
 Writes: output/Qwen2-VL-2B-LatexOCR/infer/predictions.jsonl; with ground truth also metrics.json and
@@ -46,7 +46,10 @@ adapter_dir = Path(ADAPTER or OUTPUT_DIR)
 results_dir = Path(RESULTS_DIR or Path(OUTPUT_DIR) / ("infer" if use_adapter or merged else "infer-base"))
 device = modeling.default_device() if DEVICE == "auto" else DEVICE
 prompt = train_config["prompt"]
-image_sizing = chat.sizing(train_config["min_pixels"], train_config["max_pixels"], train_config["image_size"])
+# px per image token of the base model (a config written before other families were supported is Qwen2-VL's)
+token_px = train_config.get("family", {}).get("token_px", 28)
+image_sizing = chat.sizing(train_config["min_pixels"], train_config["max_pixels"], train_config["image_size"],
+                           token_px)
 
 # --- data --------------------------------------------------------------------
 if not (IMAGE or train_config["val_json_path"]):
@@ -70,11 +73,11 @@ print(f"data: {len(samples)} image(s) from {source}" + (" with ground truth" if 
 
 # --- model -------------------------------------------------------------------
 model_id = MODEL_ID or (OUTPUT_DIR if merged else train_config["model_id"])
+if use_adapter and not (adapter_dir / "adapter_model.safetensors").is_file():  # checked before minutes of loading
+    raise SystemExit(f"{adapter_dir}: no adapter_model.safetensors. Train first, or pass --adapter=<folder> "
+                     "(--adapter=none predicts with the base model alone).")
 model, processor = modeling.load_base_model(modeling.resolve_model(model_id), device)
 if use_adapter:
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise SystemExit(f"{adapter_dir}: no adapter_model.safetensors. Train first, or pass --adapter=<folder> "
-                         "(--adapter=none predicts with the base model alone).")
     from peft import PeftModel
     try:
         model = PeftModel.from_pretrained(model, adapter_dir)

@@ -27,18 +27,18 @@ from latexocr import chat
 from latexocr.config import apply_overrides
 
 # -----------------------------------------------------------------------------
-MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # ModelScope id, a local model folder, or tiny-random
+MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # ModelScope id or local folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); tiny-random
 TRAIN_JSON_PATH = "latex_ocr_train.json"  # from csv2json.py
 VAL_JSON_PATH = "latex_ocr_val.json"  # from csv2json.py; scored after training; "" = no scoring
 OUTPUT_DIR = "output/Qwen2-VL-2B-LatexOCR"  # adapter, processor, config, checkpoints, eval results
 PROMPT = chat.PROMPT  # the instruction after the image; infer.py reads it from train_config.json
-MIN_PIXELS = chat.MIN_PIXELS  # px per image, lower bound (28x28 px = one image token)
-MAX_PIXELS = chat.MAX_PIXELS  # px per image, upper bound; aspect ratio kept
+MIN_PIXELS = 0  # px per image, lower bound; 0 = 32 image tokens (a token is 28x28 px, 32x32 on Qwen3-VL)
+MAX_PIXELS = 0  # px per image, upper bound, aspect ratio kept; 0 = 512 image tokens
 IMAGE_SIZE = ""  # "HxW" px to resize every image to exactly (the tutorial: 500x100); "" = MIN/MAX_PIXELS
 LORA_RANK = 64
 LORA_ALPHA = 16
 LORA_DROPOUT = 0.05
-LORA_TARGET_MODULES = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # comma-separated
+LORA_TARGET_MODULES = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # comma-separated; language model only
 BATCH_SIZE = 16  # samples per optimizer step, over all GPUs (the tutorial's 4 x accumulation 4)
 MICRO_BATCH_SIZE = 0  # samples per forward pass; 0 = the most that fit in GPU memory (probed before training)
 LEARNING_RATE = 1e-4
@@ -74,12 +74,12 @@ from transformers.trainer_callback import ProgressCallback  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from latexocr import evaluate, modeling  # noqa: E402
+from latexocr import evaluate, families, modeling  # noqa: E402
 from latexocr.data import atomic_write_text, image_problem, read_conversations  # noqa: E402
 
 if DEVICE == "auto":
     DEVICE = modeling.default_device()
-    if DEVICE == "cpu" and MODEL_ID != modeling.TINY_MODEL_ID:
+    if DEVICE == "cpu" and MODEL_ID not in modeling.TINY_MODELS:
         raise SystemExit(f"No CUDA GPU found. Training {MODEL_ID} on a CPU would take days.\n"
                          "To try the whole pipeline on this CPU, use the tiny random model:\n"
                          "  python train.py --model_id=tiny-random --max_steps=20\n"
@@ -115,7 +115,6 @@ if on_gpu and local_rank >= torch.cuda.device_count():
                      "Start one process per GPU at most (torchrun --nproc_per_node, accelerate launch "
                      "--num_processes).")
 sharded = DISTRIBUTED in ("zero3", "fsdp")  # the frozen weights too are split over the GPUs, none holds the whole model
-image_sizing = chat.sizing(MIN_PIXELS, MAX_PIXELS, IMAGE_SIZE)
 transformers.set_seed(SEED)
 if on_gpu:
     torch.cuda.set_device(local_rank)
@@ -310,9 +309,15 @@ print(f"data: {len(train_samples)} training samples from {TRAIN_JSON_PATH}, "
 # Every image opens and every sample fits, checked before any weights are loaded or GPU time is spent.
 with main_process_first():
     model_dir = modeling.resolve_model(MODEL_ID)
+family = families.detect(model_dir)  # the px per image token, and where the vision tower is
+# Pixel bounds are recorded as used, so that infer.py and a resumed run size images the same way.
+MIN_PIXELS = config["min_pixels"] = MIN_PIXELS or chat.MIN_IMAGE_TOKENS * family.token_px ** 2
+MAX_PIXELS = config["max_pixels"] = MAX_PIXELS or chat.MAX_IMAGE_TOKENS * family.token_px ** 2
+image_sizing = chat.sizing(MIN_PIXELS, MAX_PIXELS, IMAGE_SIZE, family.token_px)
 processor = AutoProcessor.from_pretrained(model_dir)
-prompt_tokens = len(chat.encode_prompts(processor, [chat.load_image(Image.new("RGB", (28, 28), "white"), {
-    "resized_height": 28, "resized_width": 28})], PROMPT)["input_ids"][0]) - 1  # less the 1 image token
+one_token = chat.sizing(image_size=f"{family.token_px}x{family.token_px}", token_px=family.token_px)
+blank = chat.load_image(Image.new("RGB", (family.token_px, family.token_px), "white"), one_token)
+prompt_tokens = len(chat.encode_prompts(processor, [blank], PROMPT)["input_ids"][0]) - 1  # less the 1 image token
 answer_tokens = processor.tokenizer([s.text for s in train_samples + val_samples], add_special_tokens=False)
 lengths, problems = [], []
 for sample, answer in zip(tqdm(train_samples + val_samples, desc="pre-flight", unit="sample",
@@ -358,13 +363,14 @@ if checkpoint:
 # --- model -------------------------------------------------------------------
 model, processor = modeling.load_base_model(model_dir, DEVICE, place=False)
 lora = LoraConfig(task_type="CAUSAL_LM", r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
-                  target_modules=[m.strip() for m in LORA_TARGET_MODULES.split(",") if m.strip()])
+                  target_modules=[m.strip() for m in LORA_TARGET_MODULES.split(",") if m.strip()],
+                  exclude_modules=families.LORA_EXCLUDE_MODULES)
 transformers.set_seed(SEED)  # here, so that nothing before (building the tiny model, say) shifts the LoRA init
 model = get_peft_model(model, lora)
 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 total = sum(p.numel() for p in model.parameters())
-print(f"model: {MODEL_ID} from {model_dir}; LoRA r={LORA_RANK} trains {trainable:,} of {total:,} parameters "
-      f"({100 * trainable / total:.2f}%) on {DEVICE}")
+print(f"model: {MODEL_ID} ({family.name}) from {model_dir}; LoRA r={LORA_RANK} trains {trainable:,} of "
+      f"{total:,} parameters ({100 * trainable / total:.2f}%) on {DEVICE}")
 if TORCH_COMPILE and on_gpu:
     # Layer by layer: the layers share one compiled graph, and the vision tower's per-image Python stays eager.
     for layer in model.get_base_model().model.language_model.layers:
@@ -374,7 +380,7 @@ if TORCH_COMPILE and on_gpu:
 # The configuration this run uses: saved next to the adapter, logged to SwanLab, read back by infer.py.
 run_config = dict(config, device=DEVICE, model_dir=str(model_dir), train_samples=len(train_samples),
                   val_samples=len(val_samples), trainable_parameters=trainable,
-                  image_sizing=image_sizing,
+                  family=family.record(), image_sizing=image_sizing,
                   versions=dict(python=platform.python_version(), torch=torch.__version__,
                                 transformers=transformers.__version__,
                                 peft=__import__("peft").__version__))

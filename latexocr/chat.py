@@ -9,41 +9,52 @@ from pathlib import Path
 import torch
 from PIL import Image
 from qwen_vl_utils import fetch_image, smart_resize
+from qwen_vl_utils.vision_process import SPATIAL_MERGE_SIZE
 
 PROMPT = "Write the formula in this image as LaTeX."
-# Qwen2-VL turns every 28x28 px block into one token. Formulas are wide and short: the bounds keep the
-# aspect ratio, lift tiny crops to at least 32 tokens and cap large ones at 512 tokens.
-MIN_PIXELS = 32 * 28 * 28
-MAX_PIXELS = 512 * 28 * 28
+# Qwen2-VL and Qwen2.5-VL turn every 28x28 px block into one image token, Qwen3-VL every 32x32 px block
+# (families.py). Formulas are wide and short: the bounds keep the aspect ratio, lift tiny crops to at
+# least 32 tokens and cap large ones at 512 tokens.
+MIN_IMAGE_TOKENS = 32
+MAX_IMAGE_TOKENS = 512
+TOKEN_PX = 28  # px per side of one image token, Qwen2-VL's: the default below
+MIN_PIXELS = MIN_IMAGE_TOKENS * TOKEN_PX * TOKEN_PX
+MAX_PIXELS = MAX_IMAGE_TOKENS * TOKEN_PX * TOKEN_PX
 IGNORE_INDEX = -100  # label value the loss skips
 END_OF_ANSWER = "<|im_end|>"
+# Images reach the processor already sized by load_image, and its own bounds must not resize them again:
+# Qwen3-VL's lifts every image to at least 64 tokens, so image_tokens' count would no longer hold.
+PROCESSOR_KWARGS = {"do_resize": False, "return_tensors": "pt"}
 
 
-def sizing(min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, image_size: str = "") -> dict:
-    """How images are sized: aspect kept within [min_pixels, max_pixels], or exactly image_size ("HxW" px)."""
+def sizing(min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, image_size: str = "",
+           token_px: int = TOKEN_PX) -> dict:
+    """How images are sized: aspect kept within [min_pixels, max_pixels], or exactly image_size ("HxW" px),
+    in whole blocks of token_px x token_px px (one image token each; the family's, see families.py)."""
     if not image_size:
         if not 0 < min_pixels <= max_pixels:
             raise SystemExit(f"min_pixels={min_pixels}, max_pixels={max_pixels}: need 0 < min_pixels <= max_pixels.")
-        return {"min_pixels": min_pixels, "max_pixels": max_pixels}
+        return {"min_pixels": min_pixels, "max_pixels": max_pixels, "token_px": token_px}
     try:
         height, width = (int(v) for v in image_size.lower().split("x"))
     except ValueError:
         raise SystemExit(f"image_size={image_size!r}: expected HEIGHTxWIDTH in px, e.g. 100x500.") from None
-    return {"resized_height": height, "resized_width": width}
+    return {"resized_height": height, "resized_width": width, "token_px": token_px}
 
 
 def image_tokens(width: int, height: int, image_sizing: dict) -> int:
     """Image tokens an image of this size becomes, without decoding it (for checking lengths up front)."""
+    token_px = image_sizing["token_px"]
     if "resized_height" in image_sizing:
-        height, width = smart_resize(image_sizing["resized_height"], image_sizing["resized_width"], factor=28)
+        height, width = smart_resize(image_sizing["resized_height"], image_sizing["resized_width"], factor=token_px)
     else:
-        height, width = smart_resize(height, width, factor=28, min_pixels=image_sizing["min_pixels"],
+        height, width = smart_resize(height, width, factor=token_px, min_pixels=image_sizing["min_pixels"],
                                      max_pixels=image_sizing["max_pixels"])
-    return (height // 28) * (width // 28)
+    return (height // token_px) * (width // token_px)
 
 
 def load_image(path: str | Path | Image.Image, image_sizing: dict) -> Image.Image:
-    """Open an image as RGB on white (transparency flattened) and resize it to whole 28 px blocks."""
+    """Open an image as RGB on white (transparency flattened) and resize it to whole image-token blocks."""
     image = path if isinstance(path, Image.Image) else Image.open(path)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bits
         image = image.point(lambda v: v / 256).convert("L")
@@ -54,7 +65,8 @@ def load_image(path: str | Path | Image.Image, image_sizing: dict) -> Image.Imag
         background.paste(image, mask=image.getchannel("A"))
         image = background
     image = image.convert("RGB")
-    return fetch_image({"image": image, **image_sizing})
+    patch_px = image_sizing["token_px"] // SPATIAL_MERGE_SIZE  # qwen_vl_utils multiplies it back by the merge size
+    return fetch_image({"image": image, **image_sizing}, image_patch_size=patch_px)
 
 
 def messages(prompt: str) -> list[dict]:
@@ -69,7 +81,7 @@ def prompt_text(processor, prompt: str) -> str:
 
 def encode_example(processor, image: Image.Image, answer: str, prompt: str) -> dict[str, torch.Tensor]:
     """Tokens of prompt + answer + <|im_end|>, with labels only on the answer and the end token."""
-    inputs = processor(text=[prompt_text(processor, prompt)], images=[image], return_tensors="pt")
+    inputs = processor(text=[prompt_text(processor, prompt)], images=[image], **PROCESSOR_KWARGS)
     tokenizer = processor.tokenizer
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     answer_ids = torch.tensor(answer_ids + [tokenizer.convert_tokens_to_ids(END_OF_ANSWER)])
@@ -115,4 +127,4 @@ class TrainCollator:
 def encode_prompts(processor, images: list[Image.Image], prompt: str):
     """A left-padded batch of prompts for generation (the new tokens then line up at the right)."""
     text = [prompt_text(processor, prompt)] * len(images)
-    return processor(text=text, images=images, padding=True, padding_side="left", return_tensors="pt")
+    return processor(text=text, images=images, padding=True, padding_side="left", **PROCESSOR_KWARGS)

@@ -6,9 +6,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from latexocr import chat
+from latexocr import chat, families
 
 TINY_MODEL_ID = "tiny-random"
+# Tiny random models, one per family, built locally (tiny.py): model id -> config.json's model_type.
+TINY_MODELS = {TINY_MODEL_ID: "qwen2_vl", "tiny-random-qwen2.5-vl": "qwen2_5_vl", "tiny-random-qwen3-vl": "qwen3_vl"}
 
 
 def cache_dir() -> Path:
@@ -17,13 +19,14 @@ def cache_dir() -> Path:
 
 
 def resolve_model(model_id: str) -> Path:
-    """A local folder for `model_id`: the tiny random model (built once), a local path, or a ModelScope download."""
-    if model_id == TINY_MODEL_ID:
-        folder = cache_dir() / "tiny-random-qwen2-vl"
+    """A local folder for `model_id`: a tiny random model (built once), a local path, or a ModelScope download."""
+    if model_id in TINY_MODELS:
+        family = families.FAMILIES[TINY_MODELS[model_id]]
+        folder = cache_dir() / f"tiny-random-{family.name.lower()}"
         if not (folder / "config.json").is_file():
             from latexocr import tiny
-            print(f"building the tiny random Qwen2-VL in {folder} (once; a few seconds)")
-            tiny.build_model_folder(folder)
+            print(f"building the tiny random {family.name} in {folder} (once; a few seconds)")
+            tiny.build_model_folder(folder, model_type=family.model_type)
         return folder
     local = Path(model_id).expanduser()
     if local.is_dir():
@@ -33,7 +36,7 @@ def resolve_model(model_id: str) -> Path:
         return local
     if model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
         raise SystemExit(f"model_id {model_id}: no such folder, and not a ModelScope id like "
-                         "'Qwen/Qwen2-VL-2B-Instruct'. Use --model_id=tiny-random to run offline.")
+                         f"'Qwen/Qwen2-VL-2B-Instruct'. To run offline use --model_id={' or '.join(TINY_MODELS)}.")
     from modelscope import snapshot_download
     try:
         return Path(snapshot_download(model_id))
@@ -56,6 +59,7 @@ def load_base_model(model_dir: Path, device: str, place: bool = True):
     if not list(Path(model_dir).glob("*.safetensors")):
         raise SystemExit(f"{model_dir} has no *.safetensors weights. Pickled weights (.bin, .pt) are never loaded: "
                          "they can run code. Convert them to safetensors, or download a safetensors release.")
+    families.detect(model_dir)  # a model of another kind stops here, with the kinds that work
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
     processor = AutoProcessor.from_pretrained(model_dir)

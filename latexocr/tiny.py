@@ -1,9 +1,10 @@
-"""A tiny random Qwen2-VL built locally, for running the whole pipeline offline on a CPU.
+"""Tiny random Qwen VL models built locally, for running the whole pipeline offline on a CPU.
 
-It has Qwen2-VL's architecture, special tokens and chat template, a small byte-level BPE tokenizer
-trained here on synthetic formulas, and random weights. `build_model_folder` writes it like a
-downloaded model (config, safetensors, processor), so every script loads it the same way.
-The same builder makes the full-size Qwen2-VL-2B shape (random weights) for speed measurements.
+Each has its family's architecture (Qwen2-VL, Qwen2.5-VL or Qwen3-VL), special tokens, chat template and
+image processor settings, a small byte-level BPE tokenizer trained here on synthetic formulas, and random
+weights. `build_model_folder` writes one like a downloaded model (config, safetensors, processor), so
+every script loads it the same way. The same builder makes the full-size Qwen2-VL-2B shape (random
+weights) for speed measurements.
 """
 
 import json
@@ -14,18 +15,20 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
-                          Qwen2VLProcessor, Qwen2VLVideoProcessor)
+from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                          Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
+                          Qwen2VLVideoProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor,
+                          Qwen3VLVideoProcessor)
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
 from latexocr import chat, synth
 
-# Qwen2-VL's own special tokens, in its order.
+# Qwen2-VL's own special tokens, in its order; Qwen2.5-VL and Qwen3-VL have the same ones.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
-# Qwen2-VL-Instruct's chat template.
+# Qwen2-VL-Instruct's chat template; Qwen2.5-VL-Instruct's renders the same (a default system turn first).
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
@@ -45,10 +48,45 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen3-VL-Instruct's chat template, as it renders without tools: no default system turn, a system
+# message's text only, images and videos only in user turns.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if message['role'] in ('user', 'assistant') or (message['role'] == 'system' and loop.first) %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if message['role'] == 'user' and (content['type'] == 'image' or 'image' in content"
+    " or 'image_url' in content) %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif message['role'] == 'user' and (content['type'] == 'video' or 'video' in content) %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHAT_TEMPLATES = {"qwen2_vl": CHAT_TEMPLATE, "qwen2_5_vl": CHAT_TEMPLATE, "qwen3_vl": QWEN3_VL_CHAT_TEMPLATE}
+
 # Small enough to train in seconds on a CPU, big enough to memorise a handful of formulas.
 TINY_DIMENSIONS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, mrope_section=[2, 3, 3], vision_depth=2, vision_embed_dim=64,
                        vision_num_heads=4, vocab_size=8000)
+# The same sizes where the families share them (the vision MLP as wide as Qwen2-VL's, 4 x 64: at half that
+# the tiny Qwen2.5-VL told the eight formulas of the learning test apart only 7 times in 8), plus what only
+# theirs have, the real models' values scaled down: Qwen2.5-VL's windowed vision attention with its last
+# block attending fully; Qwen3-VL's learned vision positions (a 16x16 grid) and DeepStack features from the
+# first vision block. Qwen3-VL interleaves the rotary frequencies (t h w t h w ...), so its sections split
+# the 8 of a 16-wide head as 4 t, 2 h, 2 w, as the real [24, 20, 20] splits 64.
+TINY_QWEN2_5_VL_DIMENSIONS = dict(TINY_DIMENSIONS, vision_intermediate_size=256, window_size=112,
+                                  fullatt_block_indexes=[1])
+TINY_QWEN3_VL_DIMENSIONS = dict(TINY_DIMENSIONS, mrope_section=[4, 2, 2], vision_intermediate_size=256,
+                                num_position_embeddings=256, deepstack_visual_indexes=[0])
+TINY_FAMILY_DIMENSIONS = {"qwen2_vl": TINY_DIMENSIONS, "qwen2_5_vl": TINY_QWEN2_5_VL_DIMENSIONS,
+                          "qwen3_vl": TINY_QWEN3_VL_DIMENSIONS}
 # Qwen2-VL-2B-Instruct's shape (the vocabulary is padded to it; the tokenizer stays small).
 QWEN2_VL_2B_DIMENSIONS = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                               num_attention_heads=12, num_key_value_heads=2, mrope_section=[16, 24, 24],
@@ -56,8 +94,9 @@ QWEN2_VL_2B_DIMENSIONS = dict(hidden_size=1536, intermediate_size=8960, num_hidd
 TOKENIZER_VOCAB_SIZE = 8000
 
 
-def train_tokenizer(corpus: list[str], vocab_size: int = TOKENIZER_VOCAB_SIZE) -> Qwen2Tokenizer:
-    """A byte-level BPE with Qwen2's pre-tokenizer and special tokens, and Qwen2-VL's chat template."""
+def train_tokenizer(corpus: list[str], vocab_size: int = TOKENIZER_VOCAB_SIZE,
+                    chat_template: str = CHAT_TEMPLATE) -> Qwen2Tokenizer:
+    """A byte-level BPE with Qwen2's pre-tokenizer and special tokens, and the family's chat template."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
@@ -69,65 +108,89 @@ def train_tokenizer(corpus: list[str], vocab_size: int = TOKENIZER_VOCAB_SIZE) -
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
     tokenizer = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                unk_token=None, extra_special_tokens=SPECIAL_TOKENS[1:])
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
-def build_processor(tokenizer: Qwen2Tokenizer) -> Qwen2VLProcessor:
-    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
-                            video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+def build_processor(tokenizer: Qwen2Tokenizer, model_type: str = "qwen2_vl"):
+    """The family's processor with the image settings of its released preprocessor_config.json."""
+    if model_type == "qwen2_vl":
+        return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                                video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATES[model_type])
+    if model_type == "qwen2_5_vl":
+        return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                                   video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATES[model_type])
+    image_processor = Qwen2VLImageProcessor(patch_size=16, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+                                            size={"shortest_edge": 65536, "longest_edge": 16777216})
+    return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                            video_processor=Qwen3VLVideoProcessor(), chat_template=CHAT_TEMPLATES[model_type])
 
 
-def build_config(tokenizer: Qwen2Tokenizer, dims: dict) -> Qwen2VLConfig:
+def build_config(tokenizer: Qwen2Tokenizer, dims: dict, model_type: str = "qwen2_vl"):
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab_size = max(dims["vocab_size"], len(tokenizer))
     head_dim = dims["hidden_size"] // dims["num_attention_heads"]
     assert sum(dims["mrope_section"]) * 2 == head_dim, "mrope_section must split half the head dimension"
-    return Qwen2VLConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=dims["hidden_size"],
-                         intermediate_size=dims["intermediate_size"],
-                         num_hidden_layers=dims["num_hidden_layers"],
-                         num_attention_heads=dims["num_attention_heads"],
-                         num_key_value_heads=dims["num_key_value_heads"], max_position_embeddings=32768,
-                         rms_norm_eps=1e-6, tie_word_embeddings=True,
-                         rope_parameters=dict(rope_type="default", rope_theta=1e6,
-                                              mrope_section=dims["mrope_section"]),
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=dims["vision_depth"], embed_dim=dims["vision_embed_dim"],
-                           num_heads=dims["vision_num_heads"], hidden_size=dims["hidden_size"], mlp_ratio=4,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
+    text = dict(vocab_size=vocab_size, hidden_size=dims["hidden_size"], intermediate_size=dims["intermediate_size"],
+                num_hidden_layers=dims["num_hidden_layers"], num_attention_heads=dims["num_attention_heads"],
+                num_key_value_heads=dims["num_key_value_heads"], max_position_embeddings=32768,
+                rms_norm_eps=1e-6, tie_word_embeddings=True,
+                rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=dims["mrope_section"]),
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=dims["vision_depth"], num_heads=dims["vision_num_heads"], spatial_merge_size=2,
+                  temporal_patch_size=2)
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                  tie_word_embeddings=True)
+    if model_type == "qwen2_vl":
+        return Qwen2VLConfig(text_config=text, vision_config=dict(
+            vision, embed_dim=dims["vision_embed_dim"], hidden_size=dims["hidden_size"], mlp_ratio=4, patch_size=14),
+            **tokens)
+    if model_type == "qwen2_5_vl":
+        return Qwen2_5_VLConfig(text_config=text, vision_config=dict(
+            vision, hidden_size=dims["vision_embed_dim"], intermediate_size=dims["vision_intermediate_size"],
+            out_hidden_size=dims["hidden_size"], patch_size=14, window_size=dims["window_size"],
+            fullatt_block_indexes=dims["fullatt_block_indexes"], tokens_per_second=2), **tokens)
+    text.update(head_dim=head_dim,
+                rope_parameters=dict(text["rope_parameters"], rope_theta=5e6, mrope_interleaved=True))
+    return Qwen3VLConfig(text_config=text, vision_config=dict(
+        vision, hidden_size=dims["vision_embed_dim"], intermediate_size=dims["vision_intermediate_size"],
+        out_hidden_size=dims["hidden_size"], patch_size=16, num_position_embeddings=dims["num_position_embeddings"],
+        deepstack_visual_indexes=dims["deepstack_visual_indexes"]), **tokens)
 
 
-def build_model(config: Qwen2VLConfig, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                seed: int = 0) -> Qwen2VLForConditionalGeneration:
+MODEL_CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+                 "qwen3_vl": Qwen3VLForConditionalGeneration}
+
+
+def build_model(config, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0):
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+        model = MODEL_CLASSES[config.model_type]._from_config(config, dtype=dtype)
     model.generation_config.eos_token_id = [config.text_config.eos_token_id]
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     return model
 
 
-def build_model_folder(out_dir: str | Path, dims: dict = TINY_DIMENSIONS, seed: int = 0,
-                       dtype: torch.dtype = torch.float32, device: str = "cpu") -> Path:
-    """Write a random Qwen2-VL (config, safetensors, processor) to out_dir, atomically.
+def build_model_folder(out_dir: str | Path, dims: dict | None = None, seed: int = 0,
+                       dtype: torch.dtype = torch.float32, device: str = "cpu", model_type: str = "qwen2_vl") -> Path:
+    """Write a random model of the family `model_type` (config, safetensors, processor) to out_dir, atomically;
+    `dims` defaults to the family's tiny dimensions.
 
     The full-size shape is built fastest on a GPU in bf16 (dtype=torch.bfloat16, device="cuda")."""
     out_dir = Path(out_dir)
     rng = random.Random(seed)
     corpus = [synth.random_formula(rng) for _ in range(3000)]
     corpus += ["You are a helpful assistant.", "system\nuser\nassistant\n", chat.PROMPT]
-    tokenizer = train_tokenizer(corpus)
-    model = build_model(build_config(tokenizer, dims), dtype=dtype, device=device, seed=seed)
+    processor = build_processor(train_tokenizer(corpus, chat_template=CHAT_TEMPLATES[model_type]), model_type)
+    dims = dims or TINY_FAMILY_DIMENSIONS[model_type]
+    model = build_model(build_config(processor.tokenizer, dims, model_type), dtype=dtype, device=device, seed=seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
         model.save_pretrained(tmp)
-        build_processor(tokenizer).save_pretrained(tmp)
+        processor.save_pretrained(tmp)
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,168 @@
+"""Qwen2.5-VL and Qwen3-VL through the same recipe, on a tiny random model of each family.
+
+Per family: image tokens counted up front match the processor's, labels cover the answer and its end token
+only, LoRA stays out of the vision tower; the four scripts run end to end; and the pipeline learns.
+"""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from conftest import run_script
+from latexocr import chat, families, modeling
+from latexocr.data import read_conversations, read_csv, write_conversations
+
+ADAPTER_DIR = "output/Qwen2-VL-2B-LatexOCR"
+FAMILY_MODELS = {"tiny-random-qwen2.5-vl": "qwen2_5_vl", "tiny-random-qwen3-vl": "qwen3_vl"}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # train.py's
+# What each family's Instruct chat template puts before the image: Qwen3-VL has no default system turn.
+PROMPT_START = {
+    "qwen2_5_vl": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>",
+    "qwen3_vl": "<|im_start|>user\n<|vision_start|>",
+}
+
+
+def formula_image(width: int, height: int) -> Image.Image:
+    image = Image.new("RGB", (width, height), "white")
+    for x in range(width // 10, width - width // 10):
+        image.putpixel((x, height // 2), (0, 0, 0))
+    return image
+
+
+def default_sizing(family: families.Family) -> dict:
+    """train.py's default sizing for this family: 32 to 512 image tokens."""
+    return chat.sizing(chat.MIN_IMAGE_TOKENS * family.token_px ** 2, chat.MAX_IMAGE_TOKENS * family.token_px ** 2,
+                       token_px=family.token_px)
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_MODELS))
+def tiny_family(request, offline_cache):
+    """(model id, model folder, family, processor) of one tiny family model, built once per test session."""
+    model_dir = modeling.resolve_model(request.param)
+    return request.param, model_dir, families.detect(model_dir), AutoProcessor.from_pretrained(model_dir)
+
+
+def test_the_family_comes_from_config_json_and_matches_the_processor(tiny_family):
+    model_id, _, family, processor = tiny_family
+    assert family.model_type == FAMILY_MODELS[model_id]
+    image_processor = processor.image_processor
+    assert family.token_px == image_processor.patch_size * image_processor.merge_size
+    assert family.token_px == {"qwen2_5_vl": 28, "qwen3_vl": 32}[family.model_type]
+
+
+def test_an_unsupported_model_type_is_refused_with_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(SystemExit, match="'llava'.*qwen2_vl.*qwen2_5_vl.*qwen3_vl"):
+        families.detect(tmp_path)
+
+
+def test_image_tokens_counted_from_the_size_match_the_processor(tiny_family):
+    _, _, family, processor = tiny_family
+    fixed = chat.sizing(image_size="500x100", token_px=family.token_px)
+    for size, image_sizing in [((300, 60), default_sizing(family)), ((1500, 90), default_sizing(family)),
+                               ((40, 20), default_sizing(family)), ((3000, 600), default_sizing(family)),
+                               ((300, 60), fixed)]:
+        image = chat.load_image(formula_image(*size), image_sizing)
+        assert image.size[0] % family.token_px == 0 and image.size[1] % family.token_px == 0, size
+        example = chat.encode_example(processor, image, "x", chat.PROMPT)
+        counted = (example["input_ids"] == processor.image_token_id).sum().item()
+        assert chat.image_tokens(*size, image_sizing) == counted, size
+        if image_sizing is not fixed:  # the bounds mean the same number of tokens in every family
+            assert chat.MIN_IMAGE_TOKENS <= counted <= chat.MAX_IMAGE_TOKENS, size
+
+
+def test_labels_cover_the_answer_and_the_end_token_only(tiny_family):
+    _, _, family, processor = tiny_family
+    answer = r"\frac { a } { b } + x ^ { 2 }"
+    example = chat.encode_example(processor, chat.load_image(formula_image(300, 60), default_sizing(family)),
+                                  answer, chat.PROMPT)
+    labels, input_ids, tokenizer = example["labels"], example["input_ids"], processor.tokenizer
+    assert tokenizer.decode(labels[labels != chat.IGNORE_INDEX]) == answer + "<|im_end|>"
+    first = (labels != chat.IGNORE_INDEX).nonzero()[0].item()
+    assert (labels[first:] == input_ids[first:]).all()
+    prompt = tokenizer.decode(input_ids[:first])
+    assert prompt.startswith(PROMPT_START[family.model_type])
+    assert prompt.endswith("<|vision_end|>" + chat.PROMPT + "<|im_end|>\n<|im_start|>assistant\n")
+    assert (example["mm_token_type_ids"] == (input_ids == processor.image_token_id).long()).all()
+
+
+def test_lora_adapts_the_language_model_only(tiny_family):
+    _, model_dir, family, processor = tiny_family
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    vision_layers = {name.split(".")[-1] for name, _ in model.model.visual.named_modules()}
+    # Qwen2.5-VL's vision blocks have gate/up/down_proj too: the target names alone would adapt them.
+    assert bool(vision_layers & set(LORA_TARGETS)) == (family.model_type == "qwen2_5_vl")
+    lora = LoraConfig(r=8, target_modules=LORA_TARGETS, exclude_modules=families.LORA_EXCLUDE_MODULES)
+    model = get_peft_model(model, lora)
+    adapted = [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    assert all(".model.language_model.layers." in name for name in adapted)
+    assert len(adapted) == len(LORA_TARGETS) * model.config.text_config.num_hidden_layers
+    image = chat.load_image(formula_image(300, 60), default_sizing(family))
+    batch = chat.pad_examples([chat.encode_example(processor, image, "x ^ { 2 }", chat.PROMPT)],
+                              processor.tokenizer.pad_token_id)
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 0
+    trained = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all("lora_" in name for name in trained)
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_MODELS))
+def family_run(request, tmp_path_factory):
+    """The offline pipeline with only --model_id changed (and few steps and tokens), in an empty folder."""
+    folder = tmp_path_factory.mktemp("family_run")
+    run_script("data2csv.py", "--source=synthetic", "--max_data_number=24", cwd=folder)
+    run_script("csv2json.py", cwd=folder)
+    outputs = {
+        "train": run_script("train.py", f"--model_id={request.param}", "--max_steps=2", "--batch_size=4",
+                            "--eval_max_new_tokens=8", "--swanlab_mode=disabled", cwd=folder),
+        "infer": run_script("infer.py", "--max_new_tokens=8", "--render_formulas=false", cwd=folder),
+    }
+    return request.param, folder, outputs
+
+
+def test_train_saves_a_language_model_adapter_and_records_the_family(family_run):
+    model_id, folder, outputs = family_run
+    adapter = folder / ADAPTER_DIR
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert weights and all("lora_" in name and ".language_model.layers." in name for name in weights)
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert set(adapter_config["target_modules"]) == set(LORA_TARGETS)
+    assert adapter_config["exclude_modules"] == families.LORA_EXCLUDE_MODULES
+    config = json.loads((adapter / "train_config.json").read_text())
+    family = families.FAMILIES[FAMILY_MODELS[model_id]]
+    assert config["model_id"] == model_id and config["family"] == family.record()
+    assert config["min_pixels"] == chat.MIN_IMAGE_TOKENS * family.token_px ** 2
+    assert config["image_sizing"] == default_sizing(family)
+    assert f"({family.name})" in outputs["train"].stdout and "step 1/2 | loss" in outputs["train"].stdout
+
+
+def test_infer_predicts_the_val_set_of_each_family(family_run):
+    _, folder, outputs = family_run
+    predictions = [json.loads(line) for line in (folder / ADAPTER_DIR / "infer" / "predictions.jsonl").open()]
+    val = read_conversations(folder / "latex_ocr_val.json")
+    assert val and [p["reference"] for p in predictions] == [s.text for s in val]
+    assert all(isinstance(p["prediction"], str) for p in predictions)
+    assert outputs["infer"].stdout.count("predicted:") == len(val)
+
+
+@pytest.mark.parametrize("model_id", list(FAMILY_MODELS))
+def test_learning_each_family_overfits_eight_formulas_exactly(model_id, tmp_path):
+    """As tests/test_pipeline.py's learning test, with only the model changed."""
+    run_script("data2csv.py", "--source=synthetic", "--max_data_number=40", cwd=tmp_path)
+    rows = [(image, text) for _, image, text in read_csv(tmp_path / "latex_ocr_train.csv") if len(text) <= 60]
+    write_conversations(tmp_path / "eight.json", rows[:8])
+    run_script("train.py", f"--model_id={model_id}", "--train_json_path=eight.json", "--val_json_path=",
+               "--batch_size=8", "--max_steps=300", "--learning_rate=3e-3",
+               "--lr_scheduler_type=constant", "--logging_steps=50", "--save_steps=1000", "--swanlab_mode=disabled",
+               "--num_workers=0", cwd=tmp_path)
+    result = run_script("infer.py", "--image=eight.json", cwd=tmp_path)
+    predictions = [json.loads(line) for line in (tmp_path / ADAPTER_DIR / "infer" / "predictions.jsonl").open()]
+    wrong = [(p["prediction"], p["reference"]) for p in predictions if p["prediction"] != p["reference"]]
+    assert len(predictions) == 8 and not wrong, result.stdout
