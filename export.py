@@ -53,17 +53,11 @@ device = modeling.default_device() if DEVICE == "auto" else DEVICE
 dtype = DTYPES[DTYPE] if DTYPE != "auto" else torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 # --- model -------------------------------------------------------------------
-from peft import PeftModel  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
 model_id = MODEL_ID or train_config["model_id"]
 model, _ = modeling.load_base_model(modeling.resolve_model(model_id), device)
-try:
-    model = PeftModel.from_pretrained(model, adapter_dir)
-except (RuntimeError, ValueError) as e:  # shape mismatches: the adapter belongs to another base model
-    trained_on = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    raise SystemExit(f"the adapter in {adapter_dir} does not fit {model_id}: it was trained on {trained_on}. "
-                     f"Pass that base model as --model_id ({str(e).splitlines()[0][:200]}).") from None
+model = modeling.load_adapter(model, adapter_dir, model_id)
 # W + (alpha / r) * B @ A in every adapted layer: the same function, with no adapter left to run.
 merged = model.merge_and_unload().to(dtype)
 processor = AutoProcessor.from_pretrained(adapter_dir)  # train.py saved the processor it trained with

@@ -78,13 +78,7 @@ if use_adapter and not (adapter_dir / "adapter_model.safetensors").is_file():  #
                      "(--adapter=none predicts with the base model alone).")
 model, processor = modeling.load_base_model(modeling.resolve_model(model_id), device)
 if use_adapter:
-    from peft import PeftModel
-    try:
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    except (RuntimeError, ValueError) as e:  # shape mismatches: the adapter belongs to another base model
-        trained_on = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        raise SystemExit(f"the adapter in {adapter_dir} does not fit {model_id}: it was trained on {trained_on}. "
-                         f"Pass that base model as --model_id ({str(e).splitlines()[0][:200]}).") from None
+    model = modeling.load_adapter(model, adapter_dir, model_id)
 print(f"model: {model_id}" + (f" + adapter {adapter_dir}" if use_adapter else " (adapter merged in)" if merged
                               else " (no adapter)") + f" on {device}")
 

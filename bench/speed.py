@@ -14,7 +14,6 @@ Run:    python bench/speed.py                  (a CUDA GPU; about 8 minutes)
 """
 
 import json
-import os
 import subprocess
 import sys
 import time

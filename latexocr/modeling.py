@@ -1,5 +1,6 @@
 """Finding, loading and running the model: the same code for train.py and infer.py."""
 
+import json
 import os
 from pathlib import Path
 
@@ -64,6 +65,18 @@ def load_base_model(model_dir: Path, device: str, place: bool = True):
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
     processor = AutoProcessor.from_pretrained(model_dir)
     return (model.to(device) if place else model), processor
+
+
+
+def load_adapter(model, adapter_dir: Path, model_id: str):
+    """The base model with train.py's LoRA adapter; an adapter of another base model ends the run with a message."""
+    from peft import PeftModel
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir)
+    except (RuntimeError, ValueError) as e:  # shape mismatches: the adapter belongs to another base model
+        trained_on = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        raise SystemExit(f"the adapter in {adapter_dir} does not fit {model_id}: it was trained on {trained_on}. "
+                         f"Pass that base model as --model_id ({str(e).splitlines()[0][:200]}).") from None
 
 
 @torch.inference_mode()

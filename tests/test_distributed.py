@@ -129,7 +129,7 @@ def test_two_machines_only_rank_0_writes(workdir, tmp_path):
     launch = [["torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
                "--master_addr=127.0.0.1", f"--master_port={port}"] for node in (0, 1)]
     nodes = [start(launch[node], *COMMON, "--output_dir=out", cwd=machines[node]) for node in (0, 1)]
-    (stdout0, _), (stdout1, stderr1) = finish(nodes[0]), finish(nodes[1])
+    (stdout0, _), (stdout1, _) = finish(nodes[0]), finish(nodes[1])
     assert_same_training(machines[0] / "out", workdir / "one")
     assert "step 4/4 | loss" in stdout0 and "done:" in stdout0
     assert stdout1 == ""

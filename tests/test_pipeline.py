@@ -6,6 +6,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import run_script
+from latexocr import modeling
 from latexocr.data import read_conversations, read_csv, write_conversations
 
 ADAPTER_DIR = "output/Qwen2-VL-2B-LatexOCR"
@@ -92,13 +93,14 @@ def test_infer_takes_an_image_or_a_folder(demo):
     assert len((folder / "folder_run" / "predictions.jsonl").read_text().splitlines()) == 64
 
 
-def test_learning_the_pipeline_can_overfit_eight_formulas_exactly(tmp_path):
-    """Wrong labels, a wrong end token or images paired with the wrong text all make this fail."""
+@pytest.mark.parametrize("model_id", list(modeling.TINY_MODELS))
+def test_learning_the_pipeline_can_overfit_eight_formulas_exactly(model_id, tmp_path):
+    """Wrong labels, a wrong end token or images paired with the wrong text all make this fail, for every family."""
     run_script("data2csv.py", "--source=synthetic", "--max_data_number=40", cwd=tmp_path)
     # Formulas of up to 60 characters (a third of a real one): enough for a 64-wide model in 300 steps.
     rows = [(image, text) for _, image, text in read_csv(tmp_path / "latex_ocr_train.csv") if len(text) <= 60]
     write_conversations(tmp_path / "eight.json", rows[:8])
-    run_script("train.py", "--model_id=tiny-random", "--train_json_path=eight.json", "--val_json_path=",
+    run_script("train.py", f"--model_id={model_id}", "--train_json_path=eight.json", "--val_json_path=",
                "--batch_size=8", "--max_steps=300", "--learning_rate=3e-3",
                "--lr_scheduler_type=constant", "--logging_steps=50", "--save_steps=1000", "--swanlab_mode=disabled",
                "--num_workers=0", cwd=tmp_path)
