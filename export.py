@@ -46,8 +46,7 @@ if not (adapter_dir / "adapter_model.safetensors").is_file():
 if DTYPE != "auto" and DTYPE not in DTYPES:
     raise SystemExit(f"--dtype={DTYPE}: expected auto, {', '.join(DTYPES)}.")
 train_config = json.loads(config_path.read_text())
-image_sizing = chat.sizing(train_config["min_pixels"], train_config["max_pixels"], train_config["image_size"],
-                           train_config["family"]["token_px"])
+image_sizing = chat.recorded_sizing(train_config)
 device = modeling.default_device() if DEVICE == "auto" else DEVICE
 # bfloat16 is what Qwen2-VL is released in and what servers load; merging on a CPU keeps float32 unless asked.
 dtype = DTYPES[DTYPE] if DTYPE != "auto" else torch.bfloat16 if device.startswith("cuda") else torch.float32

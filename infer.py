@@ -46,10 +46,7 @@ adapter_dir = Path(ADAPTER or OUTPUT_DIR)
 results_dir = Path(RESULTS_DIR or Path(OUTPUT_DIR) / ("infer" if use_adapter or merged else "infer-base"))
 device = modeling.default_device() if DEVICE == "auto" else DEVICE
 prompt = train_config["prompt"]
-# px per image token of the base model (a config written before other families were supported is Qwen2-VL's)
-token_px = train_config.get("family", {}).get("token_px", 28)
-image_sizing = chat.sizing(train_config["min_pixels"], train_config["max_pixels"], train_config["image_size"],
-                           token_px)
+image_sizing = chat.recorded_sizing(train_config)
 
 # --- data --------------------------------------------------------------------
 if not (IMAGE or train_config["val_json_path"]):

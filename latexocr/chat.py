@@ -42,6 +42,14 @@ def sizing(min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, image_siz
     return {"resized_height": height, "resized_width": width, "token_px": token_px}
 
 
+
+def recorded_sizing(train_config: dict) -> dict:
+    """The image sizing a training run used, from its train_config.json (for infer.py and export.py).
+
+    A config written before other families were supported has no family: it was Qwen2-VL's 28 px tokens."""
+    token_px = train_config.get("family", {}).get("token_px", TOKEN_PX)
+    return sizing(train_config["min_pixels"], train_config["max_pixels"], train_config["image_size"], token_px)
+
 def image_tokens(width: int, height: int, image_sizing: dict) -> int:
     """Image tokens an image of this size becomes, without decoding it (for checking lengths up front)."""
     token_px = image_sizing["token_px"]

@@ -67,7 +67,6 @@ def load_base_model(model_dir: Path, device: str, place: bool = True):
     return (model.to(device) if place else model), processor
 
 
-
 def load_adapter(model, adapter_dir: Path, model_id: str):
     """The base model with train.py's LoRA adapter; an adapter of another base model ends the run with a message."""
     from peft import PeftModel

@@ -33,6 +33,15 @@ def test_tiny_and_huge_images_are_bounded_by_min_and_max_pixels():
     assert large.size[0] * large.size[1] <= chat.MAX_PIXELS
 
 
+
+def test_inference_reads_the_sizing_training_recorded():
+    recorded = {"min_pixels": 32 * 32 * 32, "max_pixels": 512 * 32 * 32, "image_size": "", "family": {"token_px": 32}}
+    sizing = chat.recorded_sizing(recorded)
+    assert sizing == {"min_pixels": 32 * 32 * 32, "max_pixels": 512 * 32 * 32, "token_px": 32}
+    assert chat.load_image(formula_image(500, 100), sizing).size[0] % 32 == 0
+    before_families = {"min_pixels": chat.MIN_PIXELS, "max_pixels": chat.MAX_PIXELS, "image_size": "500x100"}
+    assert chat.recorded_sizing(before_families) == {"resized_height": 500, "resized_width": 100, "token_px": 28}
+
 def test_a_fixed_size_is_used_exactly_when_given():
     sized = chat.load_image(formula_image(300, 60), chat.sizing(image_size="500x100"))
     assert sized.size == (112, 504)  # width, height: the tutorial's 500 x 100 rounded to 28 px blocks
