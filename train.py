@@ -236,34 +236,35 @@ class AnswerLossTrainer(Trainer):
         return loss
 
 
+def fits_in_memory(model, answer_logits: AnswerLogits, samples, reserve_bytes: int, device: str) -> bool:
+    """Whether a forward and backward on these samples fit in GPU memory with reserve_bytes left over."""
+    batch = {k: v.to(device) for k, v in answer_logits(samples).items()}
+    try:
+        reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            answer_logits.loss(model, batch).backward()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        batch = reserve = None  # dropped before empty_cache, so their memory goes back too
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def largest_fitting_micro_batch(model, answer_logits: AnswerLogits, longest, per_device_batch: int,
                                 device: str) -> int | None:
     """The largest micro-batch (a divisor of the per-GPU batch, so accumulation keeps the batch size) whose
     forward and backward on the longest samples (`longest`, longest first) fit in GPU memory, leaving room
-    for the optimizer state."""
+    for the optimizer state; None when not even one sample fits.
+
+    With several processes it is the smallest any of them found: every process must use the same one, or
+    with different gradient accumulation they would synchronise gradients at different forward passes."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     reserve_bytes = 2 * 4 * trainable + 2**30  # AdamW's two fp32 moments, and 1 GiB of slack
-    for micro in divisors_down(per_device_batch):
-        batch = {k: v.to(device) for k, v in answer_logits(longest[:micro]).items()}
-        try:
-            reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                answer_logits.loss(model, batch).backward()
-            del reserve
-            return micro
-        except torch.OutOfMemoryError:
-            pass
-        finally:
-            batch = reserve = None
-            model.zero_grad(set_to_none=True)
-            gc.collect()
-            torch.cuda.empty_cache()
-    return None
-
-
-def smallest_over_processes(micro: int | None, device: str) -> int | None:
-    """The smallest micro-batch any process found to fit (None when one found none). Every process must use the same
-    one: with different gradient accumulation they would synchronise gradients at different forward passes."""
+    micro = next((m for m in divisors_down(per_device_batch)
+                  if fits_in_memory(model, answer_logits, longest[:m], reserve_bytes, device)), None)
     if world_size == 1:
         return micro
     smallest = torch.tensor(micro or 0, device=device)
@@ -402,14 +403,11 @@ if on_gpu and not MICRO_BATCH_SIZE and not sharded:
     model.to(local_device)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    micro_batch = smallest_over_processes(
-        largest_fitting_micro_batch(model, answer_logits, longest_first, per_device_batch, local_device), local_device)
+    micro_batch = largest_fitting_micro_batch(model, answer_logits, longest_first, per_device_batch, local_device)
     if GRADIENT_CHECKPOINTING == "auto" and (micro_batch or 0) < min(4, per_device_batch):
         checkpointing = True
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        micro_batch = smallest_over_processes(
-            largest_fitting_micro_batch(model, answer_logits, longest_first, per_device_batch, local_device),
-            local_device)
+        micro_batch = largest_fitting_micro_batch(model, answer_logits, longest_first, per_device_batch, local_device)
     if micro_batch is None:
         free = torch.cuda.mem_get_info(local_device)[0] / 2**30
         raise SystemExit(f"Not even one sample of the longest kind fits in GPU memory ({free:.1f} GiB free) with "
