@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 
 from latexocr import chat
 from latexocr.config import apply_overrides
@@ -41,12 +42,14 @@ LORA_DROPOUT = 0.05
 LORA_TARGET_MODULES = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # comma-separated; language model only
 BATCH_SIZE = 16  # samples per optimizer step, over all GPUs (the tutorial's 4 x accumulation 4)
 MICRO_BATCH_SIZE = 0  # samples per forward pass; 0 = the most that fit in GPU memory (probed before training)
+MAX_TOKENS_PER_FORWARD = 0  # a batch with more (padded) tokens is split into forward passes; 0 = from the probe
 LEARNING_RATE = 1e-4
 LR_SCHEDULER_TYPE = "linear"  # linear (decay to 0) | constant | cosine | ...
 NUM_TRAIN_EPOCHS = 2
 MAX_STEPS = -1  # optimizer steps; -1 = run NUM_TRAIN_EPOCHS
 GRADIENT_CHECKPOINTING = "auto"  # auto (only when memory is short) | true | false; GPU only
 TORCH_COMPILE = False  # compile each language-model layer with torch.compile (fewer, fused kernels); GPU only
+VISION_CACHE_GIB = 8.0  # RAM for the frozen vision tower's outputs, computed once per image for all epochs; 0 = never
 LOGGING_STEPS = 10  # optimizer steps between progress lines
 SAVE_STEPS = 100  # optimizer steps between checkpoints
 NUM_WORKERS = min(4, os.cpu_count() or 1)  # DataLoader processes that open and size images
@@ -101,6 +104,10 @@ if BATCH_SIZE % world_size:
     raise SystemExit(f"batch_size={BATCH_SIZE} (samples per optimizer step, over all processes) does not split evenly "
                      f"over {world_size} processes. Pass a multiple of {world_size}, e.g. "
                      f"--batch_size={max(world_size, BATCH_SIZE - BATCH_SIZE % world_size)}.")
+if MAX_TOKENS_PER_FORWARD and (world_size > 1 or MICRO_BATCH_SIZE):
+    raise SystemExit("--max_tokens_per_forward splits batches of one process that runs them whole otherwise: not with "
+                     "several processes (each must run as many forward passes as the others) nor with "
+                     "--micro_batch_size. Use one of the two.")
 if DISTRIBUTED not in ("ddp", "zero2", "zero3", "fsdp"):
     raise SystemExit(f"--distributed={DISTRIBUTED}: expected ddp, zero2, zero3 or fsdp.")
 if DISTRIBUTED.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
@@ -119,6 +126,7 @@ transformers.set_seed(SEED)
 if on_gpu:
     torch.cuda.set_device(local_rank)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.enable_cudnn_sdp(False)  # as modeling.fast_attention: a graph built per sequence length
     if GPU_MEMORY_GIB:
         total = torch.cuda.get_device_properties(local_rank).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, GPU_MEMORY_GIB / total), local_rank)
@@ -180,20 +188,96 @@ def divisors_down(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 
+class VisionCache:
+    """The frozen vision tower's output for every training image, computed once before training, in large
+    batches, and handed to the model at every step in place of the pixels.
+
+    LoRA adapts the language model only and the vision tower has no dropout, so an image's output is the same
+    at every step of every epoch. Computed inside the step, it costs a third of the step's time: the tower
+    runs one attention call per image per layer, and reads sizes back from the GPU at each layer.
+    Kept in CPU memory: output tokens x hidden size x (1 + Qwen3-VL's deepstack levels) numbers per image."""
+
+    def __init__(self):
+        self.outputs = {}  # sample id -> (levels, image tokens, hidden): the output, then each deepstack level
+        self.output_class = None
+
+    def fill(self, model, collator, samples, device: str, batch_size: int = 32):
+        """Run the vision tower over the samples' images (sized and preprocessed as for training)."""
+        loader = torch.utils.data.DataLoader(samples, batch_size=batch_size, collate_fn=collator,
+                                             num_workers=NUM_WORKERS)
+        with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=on_gpu):
+            for n, batch in enumerate(tqdm(loader, desc="vision cache", unit="batch", disable=not main_process)):
+                output = model.get_base_model().get_image_features(
+                    batch["pixel_values"].to(device), batch["image_grid_thw"].to(device), return_dict=True)
+                levels = [output.pooler_output, *(getattr(output, "deepstack_features", None) or [])]
+                for i, sample in enumerate(samples[n * batch_size:(n + 1) * batch_size]):
+                    self.outputs[sample.id] = torch.stack([level[i] for level in levels]).cpu()
+        self.output_class = type(output)
+
+    def collate(self, samples, batch: dict[str, torch.Tensor]):
+        """The batch's images as vision outputs instead of pixels, in the order of their tokens."""
+        del batch["pixel_values"]
+        batch["vision_outputs"] = torch.cat([self.outputs[s.id] for s in samples], dim=1)
+
+    def encoder_outputs(self, vision_outputs: torch.Tensor) -> dict:
+        """The model's mm_encoder_outputs argument: what its vision tower would have returned."""
+        deepstack = {"deepstack_features": [(level,) for level in vision_outputs[1:]]} if len(vision_outputs) > 1 else {}
+        return {"image": self.output_class(pooler_output=(vision_outputs[0],), **deepstack)}
+
+
 class AnswerLogits:
     """The language-model head applied only where a label is (the answer and its end token), and the loss there.
 
     The model's own loss builds logits at every position, (batch, length, 151,936) in fp32 and bf16 with
     their gradients: the largest tensors of a step, though only the answer's ~20% of positions have a label.
-    Picking those positions before the head gives the same loss (sum of token losses / labelled tokens).
-    The positions are found by the collator, on the CPU: finding them on the GPU would stall it with a sync."""
+    Picking those positions before the head, and going through them 256 at a time (each chunk's logits are
+    recomputed for the backward pass instead of kept), gives the same loss: sum of token losses / labelled
+    tokens.
 
-    def __init__(self, model, collator):
-        self.collator, self.positions = collator, None
-        model.get_output_embeddings().register_forward_pre_hook(self.keep_positions)
+    As the collator, it also computes on the CPU what the model would otherwise work out on the GPU, reading
+    values back and stalling it each time: those positions, the rotary positions, and (with a VisionCache)
+    the vision tower's output. With max_tokens set, a batch with more tokens (padding included) than that
+    becomes several forward passes ("chunks") of similar lengths: the batch stays the same, and so does the
+    loss, but a batch of long samples no longer decides the memory every batch is given."""
 
-    def __call__(self, samples) -> dict[str, torch.Tensor]:
-        batch = self.collator(samples)
+    ROWS_PER_CHUNK = 256  # labelled positions whose logits (151,936 each, fp32 with gradient) exist at once
+
+    def __init__(self, model, collator, merge_size: int, vision_cache: VisionCache | None = None,
+                 logits_in_chunks: bool = True):
+        self.collator, self.merge_size, self.vision_cache, self.positions = collator, merge_size, vision_cache, None
+        # With zero3 or fsdp the head's weight is whole only inside the model's forward: the logits are made there.
+        self.logits_in_chunks, self.max_tokens = logits_in_chunks, 0
+        self.head = model.get_output_embeddings()
+        self.head_forward = self.head.forward
+        self.head.forward = self.head_or_rows
+
+    def __call__(self, samples) -> dict:
+        examples = self.collator.encode(samples)
+        groups = self.split(examples)
+        if len(groups) == 1:
+            return self.batch(samples, examples)
+        chunks = [self.batch([samples[i] for i in group], [examples[i] for i in group]) for group in groups]
+        # "labels" only for the Trainer, which counts the labelled tokens of a step before running it
+        return {"chunks": chunks, "labels": torch.cat([chunk["labels"].flatten() for chunk in chunks])}
+
+    def split(self, examples) -> list[list[int]]:
+        """Sample indices per forward pass: all in one, or shortest first in passes of at most max_tokens."""
+        lengths = [len(e["input_ids"]) for e in examples]
+        if not self.max_tokens or len(lengths) * max(lengths) <= self.max_tokens:
+            return [list(range(len(lengths)))]
+        groups, group = [], []
+        for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+            if group and (len(group) + 1) * lengths[i] > self.max_tokens:  # padded to the longest, lengths[i]
+                groups.append(group)
+                group = []
+            group.append(i)
+        return groups + [group]
+
+    def batch(self, samples, examples) -> dict[str, torch.Tensor]:
+        batch = self.collator.pad(examples)
+        batch["position_ids"] = chat.rope_positions(batch, self.merge_size)
+        if self.vision_cache is not None:
+            self.vision_cache.collate(samples, batch)
         labels = batch["labels"]
         predicts_a_label = torch.zeros_like(labels, dtype=torch.bool)
         predicts_a_label[:, :-1] = labels[:, 1:] != chat.IGNORE_INDEX  # position i predicts token i + 1
@@ -201,22 +285,36 @@ class AnswerLogits:
         batch["answer_targets"] = labels.flatten()[batch["answer_positions"] + 1]
         return batch
 
-    def keep_positions(self, head, args):
-        if self.positions is None:  # generation, evaluation: every position
-            return None
-        hidden = args[0]
-        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.positions),)
+    def head_or_rows(self, hidden):
+        """The head's forward: logits everywhere (generation, evaluation), or during the loss only the hidden
+        states of the labelled positions, for the loss to turn into logits chunk by chunk."""
+        if self.positions is None:
+            return self.head_forward(hidden)
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.positions)
+        return rows if self.logits_in_chunks else self.head_forward(rows)
+
+    def chunk_loss(self, hidden, targets):
+        # Under mixed precision accelerate hands the model's outputs back in fp32; the head computes as in the model.
+        logits = self.head_forward(hidden.to(self.head.weight.dtype))
+        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
 
     def loss(self, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         """Cross-entropy summed over the labelled tokens, divided by the labelled tokens of the whole optimizer step
         (num_items_in_batch, as the Trainer counts them) or of this batch."""
         inputs = {k: v for k, v in inputs.items() if k != "labels"}
         self.positions, targets = inputs.pop("answer_positions"), inputs.pop("answer_targets")
+        if "vision_outputs" in inputs:
+            inputs["mm_encoder_outputs"] = self.vision_cache.encoder_outputs(inputs.pop("vision_outputs"))
         try:
-            logits = model(**inputs).logits
+            output = model(**inputs).logits  # the labelled positions' hidden states or logits, see head_or_rows
         finally:
             self.positions = None
-        total = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+        if not self.logits_in_chunks:
+            total = torch.nn.functional.cross_entropy(output.float(), targets, reduction="sum")
+        else:
+            total = sum(torch.utils.checkpoint.checkpoint(self.chunk_loss, output[i:i + self.ROWS_PER_CHUNK],
+                                                          targets[i:i + self.ROWS_PER_CHUNK], use_reentrant=False)
+                        for i in range(0, len(targets), self.ROWS_PER_CHUNK))
         return total / (num_items_in_batch if num_items_in_batch is not None else len(targets))
 
 
@@ -226,6 +324,23 @@ class AnswerLossTrainer(Trainer):
     def __init__(self, *args, answer_logits: AnswerLogits, **kwargs):
         super().__init__(*args, **kwargs)
         self.answer_logits, self.loss_is_scaled_for_ga = answer_logits, True
+        self.split_batches = 0  # batches that ran as several forward passes (AnswerLogits.max_tokens)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """A batch split by AnswerLogits runs as several forward and backward passes; their losses, each divided
+        by the step's labelled tokens, add up to the whole batch's loss, and so do their gradients."""
+        if "chunks" not in inputs:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if num_items_in_batch is None:  # splitting runs with one process and no accumulation: the batch is the step
+            num_items_in_batch = (inputs["labels"] != chat.IGNORE_INDEX).sum()
+        self.split_batches += 1
+        return sum(super(AnswerLossTrainer, self).training_step(model, chunk, num_items_in_batch)
+                   for chunk in inputs["chunks"])
+
+    def floating_point_ops(self, inputs):
+        if "chunks" not in inputs:
+            return super().floating_point_ops(inputs)
+        return sum(super(AnswerLossTrainer, self).floating_point_ops(chunk) for chunk in inputs["chunks"])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = self.answer_logits.loss(model, inputs, num_items_in_batch)
@@ -262,7 +377,7 @@ def largest_fitting_micro_batch(model, answer_logits: AnswerLogits, longest, per
     With several processes it is the smallest any of them found: every process must use the same one, or
     with different gradient accumulation they would synchronise gradients at different forward passes."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    reserve_bytes = 2 * 4 * trainable + 2**30  # AdamW's two fp32 moments, and 1 GiB of slack
+    reserve_bytes = 2 * 4 * trainable + 2**29  # AdamW's two fp32 moments, and 0.5 GiB of slack
     micro = next((m for m in divisors_down(per_device_batch)
                   if fits_in_memory(model, answer_logits, longest[:m], reserve_bytes, device)), None)
     if world_size == 1:
@@ -320,7 +435,7 @@ one_token = chat.sizing(image_size=f"{family.token_px}x{family.token_px}", token
 blank = chat.load_image(Image.new("RGB", (family.token_px, family.token_px), "white"), one_token)
 prompt_tokens = len(chat.encode_prompts(processor, [blank], PROMPT)["input_ids"][0]) - 1  # less the 1 image token
 answer_tokens = processor.tokenizer([s.text for s in train_samples + val_samples], add_special_tokens=False)
-lengths, problems = [], []
+lengths, image_token_counts, problems = [], [], []
 for sample, answer in zip(tqdm(train_samples + val_samples, desc="pre-flight", unit="sample",
                                disable=not main_process), answer_tokens["input_ids"]):
     problem = image_problem(sample.image)
@@ -328,7 +443,8 @@ for sample, answer in zip(tqdm(train_samples + val_samples, desc="pre-flight", u
         problems.append(f"record {sample.id}: {problem}: {sample.image}")
         continue
     with Image.open(sample.image) as image:
-        length = prompt_tokens + chat.image_tokens(*image.size, image_sizing) + len(answer) + 1
+        image_token_counts.append(chat.image_tokens(*image.size, image_sizing))
+    length = prompt_tokens + image_token_counts[-1] + len(answer) + 1
     lengths.append(length)
     if length > MAX_LENGTH:
         problems.append(f"record {sample.id}: {length} tokens, more than max_length={MAX_LENGTH} "
@@ -386,12 +502,39 @@ run_config = dict(config, device=DEVICE, model_dir=str(model_dir), train_samples
                                 transformers=transformers.__version__,
                                 peft=__import__("peft").__version__))
 
+# --- vision cache --------------------------------------------------------------
+local_device = f"cuda:{local_rank}" if on_gpu else "cpu"
+if on_gpu and not sharded:
+    model.to(local_device)
+collator = chat.TrainCollator(processor, PROMPT, image_sizing)
+text_config = model.config.get_text_config()
+levels = 1 + len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or [])
+cache_gib = sum(image_token_counts[:len(train_samples)]) * levels * text_config.hidden_size * \
+    (2 if on_gpu else 4) / 2**30
+vision_cache, vision_cache_s = None, 0.0
+if not VISION_CACHE_GIB:
+    print("vision cache: off (vision_cache_gib=0); every step runs the vision tower")
+elif sharded:
+    print(f"vision cache: off with --distributed={DISTRIBUTED} (no process holds the whole vision tower)")
+elif cache_gib > VISION_CACHE_GIB:
+    print(f"vision cache: off, the vision outputs of {len(train_samples)} images would take {cache_gib:.1f} GiB of RAM, "
+          f"more than vision_cache_gib={VISION_CACHE_GIB}; every step runs the vision tower")
+else:
+    start = time.perf_counter()
+    vision_cache = VisionCache()
+    vision_cache.fill(model, collator, train_samples, local_device)
+    vision_cache_s = time.perf_counter() - start
+    print(f"vision cache: the vision tower's output for {len(train_samples)} images, {cache_gib:.2f} GiB of RAM, "
+          f"computed in {vision_cache_s:.0f} s and reused at every step")
+    if on_gpu:
+        torch.cuda.empty_cache()
+answer_logits = AnswerLogits(model, collator, family.merge_size, vision_cache, logits_in_chunks=not sharded)
+
 # --- memory ------------------------------------------------------------------
 # The largest micro-batch that fits, without activation checkpointing when possible: checkpointing
 # recomputes every layer's forward (a third more compute), small micro-batches leave the GPU idle.
 # With zero3 or fsdp no GPU may hold the whole model, so there is nothing to probe with: the run starts
 # with the smallest footprint (1 sample per forward pass, checkpointing on) unless told otherwise.
-answer_logits = AnswerLogits(model, chat.TrainCollator(processor, PROMPT, image_sizing))  # also the collator
 per_device_batch = BATCH_SIZE // world_size
 checkpointing = on_gpu and (GRADIENT_CHECKPOINTING == "true" or (GRADIENT_CHECKPOINTING == "auto" and sharded))
 micro_batch = MICRO_BATCH_SIZE or (1 if on_gpu and sharded else per_device_batch)
@@ -399,8 +542,6 @@ if on_gpu and sharded and not MICRO_BATCH_SIZE:
     print(f"memory: not probed with --distributed={DISTRIBUTED}; raise --micro_batch_size (and try "
           "--gradient_checkpointing=false) while the GPUs have room to spare")
 if on_gpu and not MICRO_BATCH_SIZE and not sharded:
-    local_device = f"cuda:{local_rank}"
-    model.to(local_device)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     micro_batch = largest_fitting_micro_batch(model, answer_logits, longest_first, per_device_batch, local_device)
@@ -413,10 +554,16 @@ if on_gpu and not MICRO_BATCH_SIZE and not sharded:
         raise SystemExit(f"Not even one sample of the longest kind fits in GPU memory ({free:.1f} GiB free) with "
                          "activation checkpointing. Lower --max_pixels, use a GPU with more memory, or with several "
                          "GPUs --distributed=fsdp to split the model over them.")
+# With one process, the probe's answer (so many of the longest samples fit) becomes a budget of tokens per forward
+# pass, and only a batch over it is split: most batches are far shorter than the longest samples.
+if world_size == 1 and not MICRO_BATCH_SIZE and (MAX_TOKENS_PER_FORWARD or micro_batch < per_device_batch):
+    answer_logits.max_tokens = MAX_TOKENS_PER_FORWARD or micro_batch * max(lengths[:len(train_samples)])
+    micro_batch = per_device_batch
 if per_device_batch % micro_batch:
     raise SystemExit(f"micro_batch_size={micro_batch} must divide the per-GPU batch size {per_device_batch}.")
 accumulation = per_device_batch // micro_batch
-print(f"batch: {BATCH_SIZE} samples per optimizer step = {micro_batch} per forward pass x {accumulation} "
+split = f" (a batch of over {answer_logits.max_tokens:,} tokens is split)" if answer_logits.max_tokens else ""
+print(f"batch: {BATCH_SIZE} samples per optimizer step = {micro_batch} per forward pass{split} x {accumulation} "
       f"accumulation x {world_size} {'GPU(s)' if on_gpu else 'process(es)'}; "
       f"activation checkpointing {'on' if checkpointing else 'off'}"
       + (f"; {DISTRIBUTED}" if world_size > 1 or DISTRIBUTED != "ddp" else ""))
@@ -445,6 +592,8 @@ args = TrainingArguments(
     activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing and not fsdp else None,
     dataloader_num_workers=NUM_WORKERS, dataloader_persistent_workers=NUM_WORKERS > 0,
     dataloader_pin_memory=on_gpu, remove_unused_columns=False, report_to="none",
+    # Batches go to the GPU while it still works on the previous one; a blocking copy would wait for it to finish.
+    accelerator_config={"non_blocking": on_gpu},
     logging_nan_inf_filter=False,  # the filter reads the loss every micro-batch: a GPU sync that stalls the queue
     # Several processes: the loss of a step is the mean over the answer tokens of all its samples on all GPUs
     # (each GPU divides its token sum by the all-reduced token count), so it equals one process with the same batch.
@@ -484,7 +633,8 @@ if main_process:
                    train_runtime_s=result.metrics["train_runtime"],
                    samples_per_s=result.metrics["train_samples_per_second"],
                    steady_samples_per_s=(len(progress.step_ends) - 1) * BATCH_SIZE / steady,
-                   micro_batch_size=micro_batch,
+                   micro_batch_size=micro_batch, vision_cache_s=vision_cache_s,
+                   max_tokens_per_forward=answer_logits.max_tokens, split_batches=trainer.split_batches,
                    gradient_accumulation_steps=accumulation, activation_checkpointing=checkpointing,
                    peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0,
                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if on_gpu else 0.0,

@@ -127,8 +127,13 @@ class TrainCollator:
         self.processor, self.prompt, self.image_sizing = processor, prompt, image_sizing
 
     def __call__(self, samples) -> dict[str, torch.Tensor]:
-        examples = [encode_example(self.processor, load_image(s.image, self.image_sizing),
-                                   s.text, self.prompt) for s in samples]
+        return self.pad(self.encode(samples))
+
+    def encode(self, samples) -> list[dict[str, torch.Tensor]]:
+        return [encode_example(self.processor, load_image(s.image, self.image_sizing), s.text, self.prompt)
+                for s in samples]
+
+    def pad(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return pad_examples(examples, self.processor.tokenizer.pad_token_id)
 
 
@@ -136,3 +141,25 @@ def encode_prompts(processor, images: list[Image.Image], prompt: str):
     """A left-padded batch of prompts for generation (the new tokens then line up at the right)."""
     text = [prompt_text(processor, prompt)] * len(images)
     return processor(text=text, images=images, padding=True, padding_side="left", **PROCESSOR_KWARGS)
+
+
+def rope_positions(batch: dict[str, torch.Tensor], merge_size: int) -> torch.Tensor:
+    """The multimodal rotary positions (3, batch, length) the model would compute for a batch of pad_examples,
+    computed here on the CPU: the model's own computation reads its inputs back from the GPU, row by row.
+
+    Each sample is text, one image, text, then right padding (position 0, as the model leaves it). Text counts
+    up by one; the image's tokens share the temporal position where it starts and spread over rows and
+    columns from there; the text after it resumes at the start plus the image's longer side in tokens."""
+    input_ids, types = batch["input_ids"], batch["mm_token_type_ids"]
+    positions = torch.zeros(3, *input_ids.shape, dtype=torch.long)
+    for row, (_, height, width) in enumerate(batch["image_grid_thw"].tolist()):
+        length = int(batch["attention_mask"][row].sum())
+        start = int(types[row, :length].argmax())  # the first image token
+        rows, columns = height // merge_size, width // merge_size
+        end = start + rows * columns
+        positions[:, row, :start] = torch.arange(start)
+        positions[0, row, start:end] = start
+        positions[1, row, start:end] = start + torch.arange(rows).repeat_interleave(columns)
+        positions[2, row, start:end] = start + torch.arange(columns).repeat(rows)
+        positions[:, row, end:length] = start + max(rows, columns) + torch.arange(length - end)
+    return positions

@@ -93,6 +93,23 @@ def test_labels_cover_the_answer_and_the_end_token_only(tiny_family):
     assert (example["mm_token_type_ids"] == (input_ids == processor.image_token_id).long()).all()
 
 
+@pytest.mark.parametrize("model_id", list(modeling.TINY_MODELS))
+def test_rotary_positions_computed_on_the_cpu_equal_the_models_own(model_id):
+    # train.py hands the model these positions so that the GPU never stops to compute them.
+    model_dir = modeling.resolve_model(model_id)
+    family, processor = families.detect(model_dir), AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    images = [formula_image(*size) for size in [(500, 100), (60, 20), (100, 300), (900, 300), (120, 120)]]
+    examples = [chat.encode_example(processor, chat.load_image(image, default_sizing(family)), "x ^ { 2 }" * (i + 1),
+                                    chat.PROMPT) for i, image in enumerate(images)]  # unequal lengths: padding
+    batch = chat.pad_examples(examples, processor.tokenizer.pad_token_id)
+    expected, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"],
+                                             attention_mask=batch["attention_mask"])
+    grids = batch["image_grid_thw"][:, 1:]
+    assert (grids[:, 0] > grids[:, 1]).any() and (grids[:, 0] < grids[:, 1]).any()  # tall and wide images
+    assert torch.equal(chat.rope_positions(batch, family.merge_size), expected)
+
+
 def test_lora_adapts_the_language_model_only(tiny_family):
     _, model_dir, family, processor = tiny_family
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
@@ -124,8 +141,25 @@ def family_run(request, tmp_path_factory):
         "train": run_script("train.py", f"--model_id={request.param}", "--max_steps=2", "--batch_size=4",
                             "--eval_max_new_tokens=8", "--swanlab_mode=disabled", cwd=folder),
         "infer": run_script("infer.py", "--max_new_tokens=8", "--render_formulas=false", cwd=folder),
+        "uncached": run_script("train.py", f"--model_id={request.param}", "--max_steps=2", "--batch_size=4",
+                               "--vision_cache_gib=0", "--val_json_path=", "--output_dir=uncached",
+                               "--swanlab_mode=disabled", cwd=folder),
     }
     return request.param, folder, outputs
+
+
+def test_the_vision_cache_trains_the_same_adapter_as_the_vision_tower_in_every_step(family_run):
+    # Qwen3-VL's vision tower also feeds early language-model layers (deepstack); the cache must carry those too.
+    _, folder, outputs = family_run
+    assert "vision cache: the vision tower's output for 22 images" in outputs["train"].stdout
+    assert "vision cache: off (vision_cache_gib=0)" in outputs["uncached"].stdout
+    cached = load_file(folder / ADAPTER_DIR / "adapter_model.safetensors")
+    uncached = load_file(folder / "uncached" / "adapter_model.safetensors")
+    assert cached.keys() == uncached.keys()
+    trained = [name for name in cached if "lora_B" in name]
+    assert all(cached[name].abs().max() > 1e-4 for name in trained)  # B starts at zero: both runs moved it
+    for name in cached:
+        torch.testing.assert_close(cached[name], uncached[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_train_saves_a_language_model_adapter_and_records_the_family(family_run):

@@ -108,6 +108,7 @@ def test_train_py_computes_the_tutorials_losses_at_its_inputs(tiny_model_dir, tm
                       "--max_steps=10", "--logging_steps=1", "--lr_scheduler_type=linear", "--num_workers=0",
                       "--swanlab_mode=disabled", "--output_dir=ours", cwd=tmp_path)
     assert "16 per forward pass x 1 accumulation" in ours.stdout
+    assert "vision cache: the vision tower's output for 160 images" in ours.stdout  # not the model's own path
     history = json.loads((tmp_path / "ours" / "checkpoint-10" / "trainer_state.json").read_text())["log_history"]
     our_losses = [entry["loss"] for entry in history if "loss" in entry]
     assert len(our_losses) == len(tutorial["losses"]) == 10
