@@ -4,12 +4,13 @@ Both train the same Qwen2-VL-2B shape (random weights: compute and memory do not
 with the same LoRA, the same effective batch of 16 and the same samples, rendered from real LaTeX_OCR
 formulas. Rows: the tutorial recipe; train.py at the tutorial's image size (the same work, for the ratio);
 train.py with its own defaults; the same with --torch_compile=true; the defaults capped to 24 and
-12 GiB of GPU memory. Then generation: the tutorial's one-image loop against infer.py's batched path,
+12 GiB of GPU memory. A short train.py run goes first, unmeasured: on a freshly started machine the first
+training process ran at half speed, whichever it was. Then generation: the tutorial's one-image loop against infer.py's batched path,
 same images, same token cap.
 
 Reads:  ../shared/data/latex_ocr_val_formulas.txt when present (else synthetic formulas)
 Writes: bench_results/bench.json (every number below) and bench_results/bench.md (the table)
-Run:    python bench/speed.py                  (a CUDA GPU; about 8 minutes)
+Run:    python bench/speed.py                  (a CUDA GPU; about 12 minutes, the first 45 s an unmeasured warm-up)
         python bench/speed.py --tiny=true      (CPU, the tiny model, a few steps: checks the script runs)
 """
 
@@ -138,6 +139,8 @@ processor = AutoProcessor.from_pretrained(model_dir)
 # --- work: training ------------------------------------------------------------
 runs = RUNS.split(",")
 tutorial_sizing = chat.sizing(image_size="500x100")
+if on_gpu:  # the first training process on a freshly started machine ran at half speed: warm up, unmeasured
+    run_train_py("warmup", f"--max_steps={min(OUR_STEPS, 5)}")
 for name, flags in [("ours_tutorial_size", ["--image_size=500x100"]), ("ours", []),
                     ("ours_compiled", ["--torch_compile=true"]), ("ours_24gib", ["--gpu_memory_gib=24"]),
                     ("ours_12gib", ["--gpu_memory_gib=12"])]:
@@ -158,11 +161,13 @@ if "tutorial" in runs:
 for name in ("tutorial", "ours_tutorial_size", "ours", "ours_compiled", "ours_24gib", "ours_12gib"):
     if name in results:
         r = results[name]
-        r["preprocess_s"] = r.get("preprocess_s", 0.0)  # train.py prepares images on the fly, in workers
+        # The tutorial's .map; train.py's vision cache (it prepares images on the fly, in DataLoader workers)
+        r["preprocess_s"] = r.get("preprocess_s", r.get("vision_cache_s", 0.0))
         r["two_epochs_s"] = r["preprocess_s"] + EPOCH_STEPS * 16 / r["steady_samples_per_s"]
         r["tokens_per_s"] = r["tokens_per_sample"] * r["steady_samples_per_s"]
-        r["mfu"] = mfu(r["steady_samples_per_s"], r["tokens_per_sample"], r["patches_per_sample"],
-                       r["activation_checkpointing"])
+        # With the vision cache a step does no vision FLOPs: they were done once, before training
+        vision_patches = 0.0 if r.get("vision_cache_s") else r["patches_per_sample"]
+        r["mfu"] = mfu(r["steady_samples_per_s"], r["tokens_per_sample"], vision_patches, r["activation_checkpointing"])
         results_path.write_text(json.dumps(results, indent=1) + "\n")
 
 # --- work: generation ------------------------------------------------------------
@@ -207,6 +212,8 @@ for name in ("tutorial", "ours_tutorial_size", "ours", "ours_compiled", "ours_24
     r = results[name]
     micro = (4, 4) if name == "tutorial" else (r["micro_batch_size"], r["gradient_accumulation_steps"])
     shape = f"{micro[0]} x {micro[1]}, {'on' if r['activation_checkpointing'] else 'off'}"
+    if r.get("max_tokens_per_forward"):
+        shape += f"; split over {r['max_tokens_per_forward']:,} tokens: {r['split_batches']} of {r['steps_this_run']}"
     ratio = (f"{r['steady_samples_per_s'] / base['steady_samples_per_s']:.1f}x speed, "
              f"{base['two_epochs_s'] / r['two_epochs_s']:.1f}x wall") if base else ""
     lines.append(f"| {name} | {r['steady_samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['preprocess_s']:.1f} | "

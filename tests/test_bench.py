@@ -1,6 +1,7 @@
 """The speed benchmark in its CPU smoke mode, so that it never rots. No timing is asserted."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -20,3 +21,17 @@ def test_benchmark_smoke_run_measures_every_row(tmp_path):
     assert results["eval"]["batched_equals_one_by_one"] is True  # fp32 on CPU: exactly equal
     table = (tmp_path / "bench.md").read_text()
     assert "| tutorial |" in table and "| ours |" in table and "x speed" in table
+
+
+def test_profiler_reports_the_steps_of_train_py_as_a_user_runs_it(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "data2csv.py"), "--source=synthetic", "--max_data_number=40"],
+                   cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run([sys.executable, str(ROOT / "csv2json.py")], cwd=tmp_path, check=True, capture_output=True)
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_train.py"), "--model_id=tiny-random",
+                             "--val_json_path=", "--max_steps=2", "--swanlab_mode=disabled"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, PROFILE_FROM="2", PROFILE_STEPS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "aten::mm" in result.stdout  # the operator table: the LoRA and base matrix products ran under it
+    assert "ms per optimizer step" in result.stdout and "reads back from the GPU" in result.stdout
+    assert (tmp_path / "output" / "Qwen2-VL-2B-LatexOCR" / "adapter_model.safetensors").is_file()  # train.py finished
