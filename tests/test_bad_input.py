@@ -107,6 +107,15 @@ def test_train_preflight_stops_before_loading_weights(trained, tmp_path):
         no_traceback(result)
 
 
+def test_a_vision_cache_over_its_ram_limit_is_left_off_and_training_goes_on(trained, tmp_path):
+    result = run_script("train.py", "--model_id=tiny-random", "--val_json_path=", "--max_steps=1",
+                        "--vision_cache_gib=0.0001", f"--output_dir={tmp_path / 'out'}", "--swanlab_mode=disabled",
+                        cwd=trained)
+    assert "vision cache: off, the vision outputs of" in result.stdout
+    assert "more than vision_cache_gib=0.0001; every step runs the vision tower" in result.stdout
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("model_id, message", [
     ("/no/such/folder", "no such folder"),
     ("empty_folder", "has no config.json"),
