@@ -39,7 +39,7 @@ demo)
     cd demo
     python ../data2csv.py --source=synthetic --max_data_number=64
     python ../csv2json.py
-    python ../train.py --model_id=tiny-random --max_steps=20
+    python ../train.py --model_id=tiny-random --max_steps=20 --resume=false  # a second demo trains again
     python ../infer.py
     python ../export.py
     echo

@@ -70,11 +70,12 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 
 # --- setup -------------------------------------------------------------------
 import transformers  # noqa: E402  (imported after the overrides so --help is instant)
-from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict  # noqa: E402
 from peft.helpers import disable_input_dtype_casting  # noqa: E402
 from transformers import AutoProcessor, Trainer, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import ProgressCallback  # noqa: E402
 from PIL import Image  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from latexocr import evaluate, families, modeling  # noqa: E402
@@ -469,12 +470,19 @@ if world_size > 1:  # every process must continue from the same step
         found = ", ".join(sorted(map(str, set(seen))))
         raise SystemExit(f"the processes find different checkpoints in {OUTPUT_DIR} ({found}): to resume over "
                          "several machines, OUTPUT_DIR must be a folder they all share. Or pass --resume=false.")
+finished = False  # the checkpoint is this run's last step: the same command run again
 if checkpoint:
     previous = json.loads((Path(OUTPUT_DIR) / "train_config.json").read_text())
     changed = [f"{k}: {previous.get(k)!r} -> {config[k]!r}" for k in RESUME_KEYS if previous.get(k) != config[k]]
     if changed:
         raise SystemExit(f"{OUTPUT_DIR} holds checkpoints of a run with other settings ({'; '.join(changed)}). "
                          "Use another --output_dir, or --resume=false to start over there.")
+    # The Trainer, resumed at its last step, would run one step more; the steps planned are known when MAX_STEPS
+    # is given, or when the epochs are the checkpointed run's (same data and batch size, checked above).
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    same_plan = previous.get("max_steps") == MAX_STEPS and previous.get("num_train_epochs") == NUM_TRAIN_EPOCHS
+    planned = MAX_STEPS if MAX_STEPS > 0 else state["max_steps"] if same_plan else None
+    finished = planned is not None and state["global_step"] >= planned
     print(f"resuming from {checkpoint} (step {checkpoint.name.split('-')[-1]}); --resume=false starts over")
 
 # --- model -------------------------------------------------------------------
@@ -617,16 +625,27 @@ if main_process:
     atomic_write_text(Path(OUTPUT_DIR) / "train_config.json", json.dumps(run_config, indent=1) + "\n")
 # peft casts each LoRA input to the adapter's fp32; under bf16 autocast that is two full copies of every
 # activation per adapted layer. Without the cast the adapter math runs in bf16, its weights stay fp32.
-with disable_input_dtype_casting(model):
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+if finished:  # the adapter as the checkpoint holds it, saved and scored again below
+    set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+else:
+    with disable_input_dtype_casting(model):
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
 # --- save --------------------------------------------------------------------
-trainer.save_model(OUTPUT_DIR)  # the adapter only, as safetensors; every process takes part, rank 0 writes
+if finished:  # no Trainer ran (nor prepared DeepSpeed or FSDP): the model is the plain one
+    if main_process:
+        model.save_pretrained(OUTPUT_DIR)
+else:
+    trainer.save_model(OUTPUT_DIR)  # the adapter only, as safetensors; every process takes part, rank 0 writes
 if world_size > 1:
     torch.distributed.destroy_process_group()  # the work that needs all processes ends here; rank 0 goes on alone
 if main_process:
     (Path(OUTPUT_DIR) / "training_args.bin").unlink(missing_ok=True)  # a pickle; train_config.json says it all
     processor.save_pretrained(OUTPUT_DIR)
+if main_process and finished:
+    print(f"saved: adapter and processor in {OUTPUT_DIR}; nothing left to train, {checkpoint.name} is the last "
+          f"of the {planned} steps (--resume=false starts over)")
+elif main_process:
     # Steady state leaves out the first step (DataLoader workers starting, kernels warming up).
     steady = progress.step_ends[-1] - progress.step_ends[0] if len(progress.step_ends) > 1 else float("nan")
     results = dict(steps=trainer.state.global_step, steps_this_run=len(progress.step_ends),

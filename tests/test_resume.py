@@ -41,6 +41,11 @@ def test_resume_lands_on_the_same_step_and_adapter(tmp_path):
         assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name
     assert any(a[name].abs().sum() > 0 for name in a if "lora_B" in name)  # training moved the adapter
 
+    again = run_script("train.py", *COMMON, "--max_steps=6", "--output_dir=straight", cwd=tmp_path)
+    assert "nothing left to train, checkpoint-6 is the last of the 6 steps (--resume=false starts over)" in again.stdout
+    c = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    assert all(torch.equal(a[name], c[name]) for name in a)  # saved again from checkpoint-6, unchanged
+
 
 def test_resume_refuses_checkpoints_of_other_settings(tmp_path):
     run_script("data2csv.py", "--source=synthetic", "--max_data_number=30", cwd=tmp_path)
