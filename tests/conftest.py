@@ -1,5 +1,6 @@
 """Shared fixtures: one tiny random Qwen2-VL per test session, and a way to run the scripts as a user does."""
 
+import json
 import os
 import subprocess
 import sys
@@ -40,3 +41,22 @@ def run_script(script: str, *args: str, cwd: Path, check: bool = True) -> subpro
         pytest.fail(f"{script} {' '.join(args)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
                     f"\n--- stderr\n{result.stderr[-4000:]}")
     return result
+
+
+def synthetic_train_json(folder: Path, n: int, seed: int) -> Path:
+    """n synthetic formula images in folder/images, listed with their LaTeX in folder/train.json."""
+    from latexocr.data import write_conversations
+    from latexocr.synth import synthetic_samples
+    (folder / "images").mkdir()
+    samples = []
+    for i, (image, text) in enumerate(synthetic_samples(n, seed=seed)):
+        image.save(folder / "images" / f"{i}.png")
+        samples.append((folder / "images" / f"{i}.png", text))
+    write_conversations(folder / "train.json", samples)
+    return folder / "train.json"
+
+
+def logged_losses(checkpoint: Path) -> tuple[list[float], list[float]]:
+    """The losses and gradient norms of the steps train.py logged, from a checkpoint's trainer_state.json."""
+    history = [e for e in json.loads((checkpoint / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    return [e["loss"] for e in history], [e["grad_norm"] for e in history]

@@ -6,33 +6,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_script
-from latexocr.data import write_conversations
-from latexocr.synth import synthetic_samples
+from conftest import logged_losses, run_script, synthetic_train_json
 
 TRAIN = ("--model_id=tiny-random", "--train_json_path=train.json", "--val_json_path=", "--lora_dropout=0.0",
          "--max_steps=3", "--save_steps=3", "--logging_steps=1", "--num_workers=0", "--swanlab_mode=disabled")
 
 
-def history(output_dir):
-    log = json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
-    return [entry["loss"] for entry in log if "loss" in entry], [entry["grad_norm"] for entry in log if "loss" in entry]
-
-
 def test_split_batches_train_as_whole_ones(tmp_path):
-    (tmp_path / "images").mkdir()
-    samples = []
-    for i, (image, text) in enumerate(synthetic_samples(48, seed=3)):
-        image.save(tmp_path / "images" / f"{i}.png")
-        samples.append((tmp_path / "images" / f"{i}.png", text))
-    write_conversations(tmp_path / "train.json", samples)
+    synthetic_train_json(tmp_path, 48, seed=3)
     whole = run_script("train.py", *TRAIN, "--output_dir=whole", cwd=tmp_path)
     split = run_script("train.py", *TRAIN, "--output_dir=split", "--max_tokens_per_forward=1200", cwd=tmp_path)
     assert "16 per forward pass x 1 accumulation" in whole.stdout
     assert "a batch of over 1,200 tokens is split" in split.stdout
     results = json.loads((tmp_path / "split" / "train_results.json").read_text())
     assert results["split_batches"] == 3 and results["max_tokens_per_forward"] == 1200
-    (whole_losses, whole_norms), (split_losses, split_norms) = history(tmp_path / "whole"), history(tmp_path / "split")
+    whole_losses, whole_norms = logged_losses(tmp_path / "whole" / "checkpoint-3")
+    split_losses, split_norms = logged_losses(tmp_path / "split" / "checkpoint-3")
     assert split_losses == pytest.approx(whole_losses, rel=1e-5) and split_norms == pytest.approx(whole_norms, rel=1e-5)
     whole_adapter = load_file(tmp_path / "whole" / "adapter_model.safetensors")
     split_adapter = load_file(tmp_path / "split" / "adapter_model.safetensors")

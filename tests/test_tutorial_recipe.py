@@ -6,10 +6,8 @@ import math
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import logged_losses, run_script, synthetic_train_json
 from bench.tutorial_recipe import TUTORIAL_PROMPT, predict_tutorial, process_func, train_tutorial
-from latexocr.data import write_conversations
-from latexocr.synth import synthetic_samples
 
 N_SAMPLES = 48  # three optimizer steps of 4 x 4
 PATCHES_PER_IMAGE = 36 * 8  # 500 x 100 px becomes 504 x 112 px: 36 x 8 patches of 14 px
@@ -17,15 +15,7 @@ PATCHES_PER_IMAGE = 36 * 8  # 500 x 100 px becomes 504 x 112 px: 36 x 8 patches 
 
 @pytest.fixture(scope="module")
 def train_json(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tutorial_data")
-    (folder / "images").mkdir()
-    samples = []
-    for i, (image, text) in enumerate(synthetic_samples(N_SAMPLES, seed=0)):
-        path = folder / "images" / f"{i}.png"
-        image.save(path)
-        samples.append((path, text))
-    write_conversations(folder / "train.json", samples)
-    return folder / "train.json"
+    return synthetic_train_json(tmp_path_factory.mktemp("tutorial_data"), N_SAMPLES, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +85,7 @@ def test_train_py_computes_the_tutorials_losses_at_its_inputs(tiny_model_dir, tm
     """train.py changes how the work is done, not the math: set to the tutorial's image size, prompt and
     16 samples per step (without dropout's random masks), its first 10 losses equal the recipe's on the
     same samples in the same order, though it runs them as one micro-batch of 16 instead of 4 x 4."""
-    (tmp_path / "images").mkdir()
-    samples = []
-    for i, (image, text) in enumerate(synthetic_samples(160, seed=1)):
-        image.save(tmp_path / "images" / f"{i}.png")
-        samples.append((tmp_path / "images" / f"{i}.png", text))
-    write_conversations(tmp_path / "train.json", samples)
+    synthetic_train_json(tmp_path, 160, seed=1)
     tutorial = train_tutorial(tiny_model_dir, tmp_path / "train.json", tmp_path / "tutorial", max_steps=10,
                               end_token="im_end", lora_dropout=0.0, device="cpu")
     ours = run_script("train.py", "--model_id=tiny-random", "--train_json_path=train.json", "--val_json_path=",
@@ -109,10 +94,8 @@ def test_train_py_computes_the_tutorials_losses_at_its_inputs(tiny_model_dir, tm
                       "--swanlab_mode=disabled", "--output_dir=ours", cwd=tmp_path)
     assert "16 per forward pass x 1 accumulation" in ours.stdout
     assert "vision cache: the vision tower's output for 160 images" in ours.stdout  # not the model's own path
-    history = json.loads((tmp_path / "ours" / "checkpoint-10" / "trainer_state.json").read_text())["log_history"]
-    our_losses = [entry["loss"] for entry in history if "loss" in entry]
+    our_losses, our_grad_norms = logged_losses(tmp_path / "ours" / "checkpoint-10")
     assert len(our_losses) == len(tutorial["losses"]) == 10
-    our_grad_norms = [entry["grad_norm"] for entry in history if "loss" in entry]
     # Seen: equal to 1e-7 (fp32 summation order). Losses move by ~2e-3 from step to step, and the gradient
     # norms by ~5%, so a shuffled order, a lost sample or a changed label would break these bounds.
     for step in range(10):
