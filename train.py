@@ -520,7 +520,9 @@ levels = 1 + len(getattr(model.config.vision_config, "deepstack_visual_indexes",
 cache_gib = sum(image_token_counts[:len(train_samples)]) * levels * text_config.hidden_size * \
     (2 if on_gpu else 4) / 2**30
 vision_cache, vision_cache_s = None, 0.0
-if not VISION_CACHE_GIB:
+if finished:
+    print("vision cache: not needed, nothing is left to train")
+elif not VISION_CACHE_GIB:
     print("vision cache: off (vision_cache_gib=0); every step runs the vision tower")
 elif sharded:
     print(f"vision cache: off with --distributed={DISTRIBUTED} (no process holds the whole vision tower)")
@@ -549,7 +551,7 @@ micro_batch = MICRO_BATCH_SIZE or (1 if on_gpu and sharded else per_device_batch
 if on_gpu and sharded and not MICRO_BATCH_SIZE:
     print(f"memory: not probed with --distributed={DISTRIBUTED}; raise --micro_batch_size (and try "
           "--gradient_checkpointing=false) while the GPUs have room to spare")
-if on_gpu and not MICRO_BATCH_SIZE and not sharded:
+if on_gpu and not MICRO_BATCH_SIZE and not sharded and not finished:
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     micro_batch = largest_fitting_micro_batch(model, answer_logits, longest_first, per_device_batch, local_device)
