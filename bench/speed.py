@@ -5,8 +5,8 @@ with the same LoRA, the same effective batch of 16 and the same samples, rendere
 formulas. Rows: the tutorial recipe; train.py at the tutorial's image size (the same work, for the ratio);
 train.py with its own defaults; the same with --torch_compile=true; the defaults capped to 24 and
 12 GiB of GPU memory. A short train.py run goes first, unmeasured: on a freshly started machine the first
-training process ran at half speed, whichever it was. Then generation: the tutorial's one-image loop against infer.py's batched path,
-same images, same token cap.
+training process ran at half speed, whichever it was. Then generation: the tutorial's one-image loop
+against infer.py's batched path, same images, same token cap.
 
 Reads:  ../shared/data/latex_ocr_val_formulas.txt when present (else synthetic formulas)
 Writes: bench_results/bench.json (every number below) and bench_results/bench.md (the table)
@@ -71,11 +71,12 @@ def padded_tokens_per_sample(samples: list[tuple[Path, str]], image_sizing: dict
     return tokens / sum(len(b) for b in batches)
 
 
-def run_train_py(name: str, *flags: str) -> dict:
-    """train.py as a user runs it, on the benchmark data; returns its train_results.json."""
+def run_train_py(name: str, *flags: str, steps: int = 0) -> dict:
+    """train.py as a user runs it, on the benchmark data, for `steps` optimizer steps (0 = OUR_STEPS);
+    returns its train_results.json."""
     output_dir = results_dir / name
     command = [sys.executable, str(ROOT / "train.py"), f"--model_id={model_dir}", f"--train_json_path={train_json}",
-               "--val_json_path=", f"--output_dir={output_dir}", f"--max_steps={OUR_STEPS}", "--logging_steps=10",
+               "--val_json_path=", f"--output_dir={output_dir}", f"--max_steps={steps or OUR_STEPS}", "--logging_steps=10",
                "--save_steps=1000000", "--resume=false", "--swanlab_mode=disabled",
                *(["--device=cpu"] if TINY else []), *flags]
     start = time.perf_counter()
@@ -140,7 +141,7 @@ processor = AutoProcessor.from_pretrained(model_dir)
 runs = RUNS.split(",")
 tutorial_sizing = chat.sizing(image_size="500x100")
 if on_gpu:  # the first training process on a freshly started machine ran at half speed: warm up, unmeasured
-    run_train_py("warmup", f"--max_steps={min(OUR_STEPS, 5)}")
+    run_train_py("warmup", steps=min(OUR_STEPS, 5))
 for name, flags in [("ours_tutorial_size", ["--image_size=500x100"]), ("ours", []),
                     ("ours_compiled", ["--torch_compile=true"]), ("ours_24gib", ["--gpu_memory_gib=24"]),
                     ("ours_12gib", ["--gpu_memory_gib=12"])]:
