@@ -49,6 +49,7 @@ NUM_TRAIN_EPOCHS = 2
 MAX_STEPS = -1  # optimizer steps; -1 = run NUM_TRAIN_EPOCHS
 GRADIENT_CHECKPOINTING = "auto"  # auto (only when memory is short) | true | false; GPU only
 TORCH_COMPILE = False  # compile each language-model layer with torch.compile (fewer, fused kernels); GPU only
+CUDA_GRAPHS = "auto"  # auto (one GPU, no checkpointing) | true | false: each step's forward and backward as one graph
 VISION_CACHE_GIB = 8.0  # RAM for the frozen vision tower's outputs, computed once per image for all epochs; 0 = never
 LOGGING_STEPS = 10  # optimizer steps between progress lines
 SAVE_STEPS = 100  # optimizer steps between checkpoints
@@ -101,6 +102,8 @@ if not main_process:  # every process runs this script; rank 0 speaks for all, e
     warnings.filterwarnings("ignore")
 if GRADIENT_CHECKPOINTING not in ("auto", "true", "false"):
     raise SystemExit(f"--gradient_checkpointing={GRADIENT_CHECKPOINTING}: expected auto, true or false.")
+if CUDA_GRAPHS not in ("auto", "true", "false"):
+    raise SystemExit(f"--cuda_graphs={CUDA_GRAPHS}: expected auto, true or false.")
 if BATCH_SIZE % world_size:
     raise SystemExit(f"batch_size={BATCH_SIZE} (samples per optimizer step, over all processes) does not split evenly "
                      f"over {world_size} processes. Pass a multiple of {world_size}, e.g. "
@@ -313,23 +316,200 @@ class AnswerLogits:
         if not self.logits_in_chunks:
             total = torch.nn.functional.cross_entropy(output.float(), targets, reduction="sum")
         else:
-            total = sum(torch.utils.checkpoint.checkpoint(self.chunk_loss, output[i:i + self.ROWS_PER_CHUNK],
-                                                          targets[i:i + self.ROWS_PER_CHUNK], use_reentrant=False)
-                        for i in range(0, len(targets), self.ROWS_PER_CHUNK))
+            total = self.summed_loss(output, targets)
         return total / (num_items_in_batch if num_items_in_batch is not None else len(targets))
+
+    def summed_loss(self, rows, targets) -> torch.Tensor:
+        """Cross-entropy summed over labelled rows (hidden states), through the head ROWS_PER_CHUNK rows at a time.
+        The chunks draw no random numbers: the checkpoint need not save the RNG state (nor can it, in a CUDA graph)."""
+        return sum(torch.utils.checkpoint.checkpoint(self.chunk_loss, rows[i:i + self.ROWS_PER_CHUNK],
+                                                     targets[i:i + self.ROWS_PER_CHUNK], use_reentrant=False,
+                                                     preserve_rng_state=False)
+                   for i in range(0, len(targets), self.ROWS_PER_CHUNK))
+
+
+class StepGraphs:
+    """A step's language-model forward, loss and backward, captured once per batch shape as a CUDA graph and then
+    replayed: one launch from the CPU instead of about 7,000. Run eagerly, a step is paced by the CPU launching
+    kernels one at a time from Python, and the GPU waits for it more than half of the step.
+
+    A graph replays fixed shapes at fixed addresses. So each batch is copied into buffers kept for its shape: its
+    length padded to a multiple of LENGTH_MULTIPLE (the padding is masked out, as a batch's own padding is) and
+    its labelled positions to a multiple of ROWS_MULTIPLE (the padded ones carry no target). Loss and gradients
+    stay those of the batch. Outside the graph, eagerly, run what reads sizes back from the GPU (the embedding
+    lookup, placing the image features, the vision tower when it is not cached) and the optimizer. The gradients
+    are added into one buffer per LoRA weight, which the optimizer reads as the weights' .grad.
+    A shape seen for the first time is captured, then replayed. The largest is captured before training (capture
+    first): its memory, freed inside the graphs' shared pool, then holds every smaller shape's graph.
+    Without a GPU nothing is captured and the same padded steps run directly, which is how the tests check them."""
+
+    LENGTH_MULTIPLE = 32  # tokens; larger means fewer graphs, more padding
+    ROWS_MULTIPLE = 2 * AnswerLogits.ROWS_PER_CHUNK  # labelled positions
+
+    def __init__(self, model, answer_logits: AnswerLogits, capture: bool):
+        self.model, self.answer_logits, self.capture = model, answer_logits, capture
+        base = model.get_base_model()
+        self.language_model, self.image_token_id = base.model.language_model, base.config.image_token_id
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.grads = [torch.zeros_like(p) for p in self.params]
+        self.shapes = {}  # (batch, length, rows) -> [buffers, graph, loss]; graph None when run without one
+        self.pool = torch.cuda.graph_pool_handle() if capture else None  # shared: one shape's graph runs at a time
+        self.warm_up_stream = torch.cuda.Stream() if capture else None
+        self.captures, self.capture_s, self.failed = 0, 0.0, ""
+
+    def accepts(self, inputs) -> bool:
+        return not self.failed and "chunks" not in inputs
+
+    def embeddings(self, inputs) -> torch.Tensor:
+        """The language model's input: token embeddings with the image features in place of the image tokens."""
+        base = self.model.get_base_model()
+        with torch.no_grad(), torch.autocast(inputs["input_ids"].device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            embeds = base.get_input_embeddings()(inputs["input_ids"])
+            if "vision_outputs" in inputs:
+                image = inputs["vision_outputs"][0]
+            else:
+                image = torch.cat(base.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                                          return_dict=True).pooler_output)
+            placeholders = (inputs["input_ids"] == self.image_token_id).unsqueeze(-1)
+            return embeds.masked_scatter(placeholders, image.to(embeds.dtype))
+
+    def body(self, buffers: dict) -> torch.Tensor:
+        """What the graph holds: the forward with the loss, and the backward into the gradient buffers."""
+        with torch.autocast(buffers["embeds"].device.type, dtype=torch.bfloat16, enabled=on_gpu, cache_enabled=False):
+            hidden = self.language_model(inputs_embeds=buffers["embeds"], position_ids=buffers["position_ids"],
+                                         attention_mask={"full_attention": buffers["mask"]},
+                                         use_cache=False).last_hidden_state
+            rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, buffers["positions"])
+            loss = self.answer_logits.summed_loss(rows, buffers["targets"]) / buffers["denominator"]
+        loss.backward()
+        return loss.detach()
+
+    def fill(self, buffers: dict, inputs, embeds: torch.Tensor, denominator):
+        batch, length = inputs["input_ids"].shape
+        padded = buffers["embeds"].shape[1]
+        buffers["embeds"][:, :length].copy_(embeds)
+        buffers["embeds"][:, length:].zero_()
+        keys = torch.nn.functional.pad(inputs["attention_mask"], (0, padded - length)).bool()
+        causal = torch.ones(padded, padded, dtype=torch.bool, device=keys.device).tril()
+        buffers["mask"].copy_(causal & keys[:, None, None, :])  # (batch, 1, query, key): True where attended
+        buffers["position_ids"][..., :length].copy_(inputs["position_ids"])
+        buffers["position_ids"][..., length:].zero_()
+        positions, rows = inputs["answer_positions"], len(inputs["answer_positions"])
+        buffers["positions"][:rows].copy_(positions + positions // length * (padded - length))  # into the padded rows
+        buffers["positions"][rows:].zero_()
+        buffers["targets"][:rows].copy_(inputs["answer_targets"])
+        buffers["targets"][rows:].fill_(chat.IGNORE_INDEX)
+        if isinstance(denominator, torch.Tensor) and denominator.device == buffers["denominator"].device:
+            buffers["denominator"].copy_(denominator)
+        else:  # a number (or one on the CPU): filled in as a kernel argument, with no copy to wait for
+            buffers["denominator"].fill_(float(denominator))
+
+    def new_buffers(self, length: int, rows: int, embeds: torch.Tensor) -> dict:
+        batch, device = len(embeds), embeds.device
+        return dict(embeds=embeds.new_zeros(batch, length, embeds.shape[-1]),
+                    mask=torch.zeros(batch, 1, length, length, dtype=torch.bool, device=device),
+                    position_ids=torch.zeros(3, batch, length, dtype=torch.long, device=device),
+                    positions=torch.zeros(rows, dtype=torch.long, device=device),
+                    targets=torch.full((rows,), chat.IGNORE_INDEX, dtype=torch.long, device=device),
+                    denominator=torch.ones((), device=device))
+
+    def attach_gradients(self):
+        """Point every trainable weight's .grad at its buffer: zeroed for a new step (the Trainer set them to None
+        after the last optimizer step), or holding what earlier micro-batches of this step added."""
+        fresh = [buffer for p, buffer in zip(self.params, self.grads) if p.grad is None]
+        moved = [(buffer, p.grad) for p, buffer in zip(self.params, self.grads)
+                 if p.grad is not None and p.grad is not buffer]
+        if fresh:
+            torch._foreach_zero_(fresh)
+        if moved:
+            torch._foreach_copy_(*map(list, zip(*moved)))
+        for p, buffer in zip(self.params, self.grads):
+            p.grad = buffer
+
+    def captured(self, buffers: dict):
+        """A graph of body() on these buffers, or None (and eager steps from then on) when it cannot be captured.
+
+        Before the first capture one eager run on a side stream sets up what is set up lazily (cuBLAS workspaces,
+        kernel choices); later shapes need none, and skipping it keeps that run's memory from sitting, cached for
+        the side stream, next to the graphs' memory."""
+        start = time.perf_counter()
+        if not self.captures:
+            kept = [p.grad for p in self.params]
+            for p in self.params:  # the warm-up's gradients are thrown away
+                p.grad = None
+            self.warm_up_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.warm_up_stream):
+                self.body(buffers)
+            torch.cuda.current_stream().wait_stream(self.warm_up_stream)
+            for p, grad in zip(self.params, kept):
+                p.grad = grad
+        self.attach_gradients()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the DataLoader's pin-memory thread keeps calling CUDA while this thread captures
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                loss = self.body(buffers)
+        except RuntimeError as error:  # out of memory, or an operation a graph cannot hold
+            failure = str(error).splitlines()[0]
+        else:
+            self.captures, self.capture_s = self.captures + 1, self.capture_s + time.perf_counter() - start
+            return graph, loss
+        # Out here, not in the except block, whose traceback would keep the graphs' memory referenced.
+        self.release(failure)
+        return None
+
+    def release(self, failure: str):
+        """Graphs off for the rest of the run, their memory handed back for the eager steps."""
+        self.failed = failure
+        self.shapes.clear()
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    def step(self, inputs, denominator, min_rows: int = 0) -> torch.Tensor | None:
+        """Forward, loss (divided by `denominator`) and backward of one batch; returns the loss, or None when the
+        batch could not be captured (the caller runs it eagerly). min_rows: labelled positions to make room for."""
+        embeds = self.embeddings(inputs)
+        length = -(-embeds.shape[1] // self.LENGTH_MULTIPLE) * self.LENGTH_MULTIPLE
+        rows = -(-max(len(inputs["answer_positions"]), min_rows) // self.ROWS_MULTIPLE) * self.ROWS_MULTIPLE
+        shape = (len(embeds), length, rows)
+        if shape not in self.shapes:
+            self.shapes[shape] = [self.new_buffers(length, rows, embeds), None, None]
+        entry = self.shapes[shape]
+        self.fill(entry[0], inputs, embeds, denominator)
+        if self.capture and entry[1] is None:
+            graph = self.captured(entry[0])
+            if graph is None:
+                return None
+            entry[1:] = graph
+        self.attach_gradients()
+        if entry[1] is None:
+            return self.body(entry[0])
+        entry[1].replay()
+        return entry[2].clone()
 
 
 class AnswerLossTrainer(Trainer):
     """The Trainer with AnswerLogits' loss; scaled for accumulation and processes as the model's own loss is."""
 
-    def __init__(self, *args, answer_logits: AnswerLogits, **kwargs):
+    def __init__(self, *args, answer_logits: AnswerLogits, step_graphs: StepGraphs | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.answer_logits, self.loss_is_scaled_for_ga = answer_logits, True
+        self.answer_logits, self.step_graphs, self.loss_is_scaled_for_ga = answer_logits, step_graphs, True
         self.split_batches = 0  # batches that ran as several forward passes (AnswerLogits.max_tokens)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """A batch split by AnswerLogits runs as several forward and backward passes; their losses, each divided
-        by the step's labelled tokens, add up to the whole batch's loss, and so do their gradients."""
+        """A batch StepGraphs takes runs there, as compute_loss and the backward would run it. A batch split by
+        AnswerLogits runs as several forward and backward passes; their losses, each divided by the step's
+        labelled tokens, add up to the whole batch's loss, and so do their gradients."""
+        if self.step_graphs is not None and self.step_graphs.accepts(inputs):
+            model.train()
+            inputs = self._prepare_inputs(inputs)
+            denominator = num_items_in_batch if num_items_in_batch is not None else \
+                len(inputs["answer_targets"]) * self.current_gradient_accumulation_steps  # as compute_loss divides
+            loss = self.step_graphs.step(inputs, denominator)
+            if loss is not None:
+                return loss
+            tqdm.write(f"CUDA graphs: off from here on, a batch could not be captured ({self.step_graphs.failed}); "
+                       "steps run eagerly")
         if "chunks" not in inputs:
             return super().training_step(model, inputs, num_items_in_batch)
         if num_items_in_batch is None:  # splitting runs with one process and no accumulation: the batch is the step
@@ -564,13 +744,63 @@ if on_gpu and not MICRO_BATCH_SIZE and not sharded and not finished:
         raise SystemExit(f"Not even one sample of the longest kind fits in GPU memory ({free:.1f} GiB free) with "
                          "activation checkpointing. Lower --max_pixels, use a GPU with more memory, or with several "
                          "GPUs --distributed=fsdp to split the model over them.")
-# With one process, the probe's answer (so many of the longest samples fit) becomes a budget of tokens per forward
-# pass, and only a batch over it is split: most batches are far shorter than the longest samples.
-if world_size == 1 and not MICRO_BATCH_SIZE and (MAX_TOKENS_PER_FORWARD or micro_batch < per_device_batch):
-    answer_logits.max_tokens = MAX_TOKENS_PER_FORWARD or micro_batch * max(lengths[:len(train_samples)])
-    micro_batch = per_device_batch
 if per_device_batch % micro_batch:
     raise SystemExit(f"micro_batch_size={micro_batch} must divide the per-GPU batch size {per_device_batch}.")
+
+# --- CUDA graphs -----------------------------------------------------------------
+# Settings a graph cannot hold: collective calls inside the backward (several processes), the recomputed forward of
+# checkpointing (it saves and restores the RNG state), code torch.compile manages, Qwen3-VL's deepstack features
+# (added inside the language model), batches split into passes of any size (--max_tokens_per_forward).
+graphs_unfit = ("several processes" if world_size > 1 else "activation checkpointing" if checkpointing
+                else "--torch_compile" if TORCH_COMPILE else f"{family.name}" if levels > 1
+                else "--max_tokens_per_forward" if MAX_TOKENS_PER_FORWARD else "")
+if CUDA_GRAPHS == "true" and graphs_unfit:
+    raise SystemExit(f"--cuda_graphs=true does not work with {graphs_unfit}. Use --cuda_graphs=auto (on where it "
+                     "works) or false.")
+step_graphs = None
+if finished or not (CUDA_GRAPHS == "true" or (CUDA_GRAPHS == "auto" and on_gpu and not graphs_unfit)):
+    if on_gpu and not finished:
+        print(f"CUDA graphs: off ({graphs_unfit or 'cuda_graphs=false'}); every step launches its kernels one by one")
+elif not on_gpu:
+    step_graphs = StepGraphs(model, answer_logits, capture=False)
+    print("CUDA graphs: no GPU, nothing to capture; the steps run padded, as the graphs would run them")
+else:
+    # The largest shape first (the longest samples, room for the most labelled positions a batch can have), for the
+    # largest micro-batch whose graphs leave room for AdamW's two fp32 moments (made at the first step) and 0.5 GiB.
+    # Graphs keep their memory, and padding costs some: that can be a smaller micro-batch than the probe's.
+    answer_rows = sorted((len(a) + 1 for a in answer_tokens["input_ids"][:len(train_samples)]), reverse=True)
+    optimizer_bytes = 2 * 4 * trainable + 2**29
+    limit = GPU_MEMORY_GIB * 2**30 if GPU_MEMORY_GIB else torch.cuda.get_device_properties(local_device).total_memory
+    why_not = ""
+    for size in [micro_batch] if MICRO_BATCH_SIZE else [d for d in divisors_down(per_device_batch) if d <= micro_batch]:
+        step_graphs = StepGraphs(model, answer_logits, capture=True)
+        largest = {k: v.to(local_device) for k, v in answer_logits(longest_first[:size]).items()}
+        step_graphs.step(largest, 1.0, min_rows=sum(answer_rows[:size]))
+        model.zero_grad(set_to_none=True)
+        largest = None
+        torch.cuda.empty_cache()
+        headroom = min(limit - torch.cuda.memory_reserved(local_device), torch.cuda.mem_get_info(local_device)[0])
+        if not step_graphs.failed and headroom >= optimizer_bytes:
+            micro_batch = size
+            break
+        why_not = step_graphs.failed or (f"a graph of {size} samples leaves {headroom / 2**30:.1f} GiB, the optimizer "
+                                         f"needs {optimizer_bytes / 2**30:.1f}")
+        step_graphs.release(why_not)
+        step_graphs = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    if step_graphs:
+        print(f"CUDA graphs: on; the largest batch shape captured in {step_graphs.capture_s:.1f} s, each other "
+              "shape is captured at its first step, then replayed")
+    else:
+        print(f"CUDA graphs: off ({why_not}); every step launches its kernels one by one")
+
+# With one process and no graphs, the probe's answer (so many of the longest samples fit) becomes a budget of tokens
+# per forward pass, and only a batch over it is split: most batches are far shorter than the longest samples.
+if world_size == 1 and not MICRO_BATCH_SIZE and not step_graphs and (MAX_TOKENS_PER_FORWARD or
+                                                                     micro_batch < per_device_batch):
+    answer_logits.max_tokens = MAX_TOKENS_PER_FORWARD or micro_batch * max(lengths[:len(train_samples)])
+    micro_batch = per_device_batch
 accumulation = per_device_batch // micro_batch
 split = f" (a batch of over {answer_logits.max_tokens:,} tokens is split)" if answer_logits.max_tokens else ""
 print(f"batch: {BATCH_SIZE} samples per optimizer step = {micro_batch} per forward pass{split} x {accumulation} "
@@ -616,7 +846,7 @@ args = TrainingArguments(
     fsdp=fsdp, fsdp_config=dict(version=2, auto_wrap_policy="TRANSFORMER_BASED_WRAP", state_dict_type="FULL_STATE_DICT",
                                 activation_checkpointing=checkpointing) if fsdp else None)
 trainer = AnswerLossTrainer(model=model, args=args, train_dataset=train_samples, data_collator=answer_logits,
-                            callbacks=callbacks, answer_logits=answer_logits)
+                            callbacks=callbacks, answer_logits=answer_logits, step_graphs=step_graphs)
 trainer.remove_callback(ProgressCallback)
 progress = ProgressLine()
 trainer.add_callback(progress)
@@ -656,6 +886,8 @@ elif main_process:
                    steady_samples_per_s=(len(progress.step_ends) - 1) * BATCH_SIZE / steady,
                    micro_batch_size=micro_batch, vision_cache_s=vision_cache_s,
                    max_tokens_per_forward=answer_logits.max_tokens, split_batches=trainer.split_batches,
+                   cuda_graphs=step_graphs.captures if step_graphs else 0,
+                   cuda_graph_capture_s=step_graphs.capture_s if step_graphs else 0.0,
                    gradient_accumulation_steps=accumulation, activation_checkpointing=checkpointing,
                    peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0,
                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if on_gpu else 0.0,

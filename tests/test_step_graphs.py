@@ -1,0 +1,43 @@
+"""The steps CUDA graphs replay (padded to fixed shapes, the gradients added into buffers) train as the plain ones.
+
+There is no GPU here, so nothing is captured: --cuda_graphs=true runs the same padded steps directly."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import logged_losses, run_script, synthetic_train_json
+
+TRAIN = ("--model_id=tiny-random", "--train_json_path=train.json", "--val_json_path=", "--lora_dropout=0.0",
+         "--max_steps=4", "--save_steps=4", "--logging_steps=1", "--num_workers=0", "--swanlab_mode=disabled")
+
+
+@pytest.mark.parametrize("micro_batch", [16, 8])
+def test_padded_graph_steps_train_as_plain_ones(tmp_path, micro_batch):
+    synthetic_train_json(tmp_path, 40, seed=5)  # 40 = 2 batches of 16 and one of 8: that one runs the plain way
+    batch = (f"--micro_batch_size={micro_batch}",)
+    plain = run_script("train.py", *TRAIN, *batch, "--output_dir=plain", "--cuda_graphs=false", cwd=tmp_path)
+    graphs = run_script("train.py", *TRAIN, *batch, "--output_dir=graphs", "--cuda_graphs=true", cwd=tmp_path)
+    assert "CUDA graphs" not in plain.stdout
+    assert "the steps run padded, as the graphs would run them" in graphs.stdout
+    plain_losses, plain_norms = logged_losses(tmp_path / "plain" / "checkpoint-4")
+    graph_losses, graph_norms = logged_losses(tmp_path / "graphs" / "checkpoint-4")
+    assert len(graph_losses) == 4
+    assert graph_losses == pytest.approx(plain_losses, rel=1e-5) and graph_norms == pytest.approx(plain_norms, rel=1e-5)
+    plain_adapter = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    graph_adapter = load_file(tmp_path / "graphs" / "adapter_model.safetensors")
+    for name, weight in plain_adapter.items():
+        torch.testing.assert_close(graph_adapter[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    results = json.loads((tmp_path / "graphs" / "train_results.json").read_text())
+    assert results["cuda_graphs"] == 0  # no GPU: nothing captured
+
+
+def test_graphs_refused_where_they_cannot_work(tmp_path):
+    synthetic_train_json(tmp_path, 16, seed=1)
+    result = run_script("train.py", *TRAIN, "--model_id=tiny-random-qwen3-vl", "--cuda_graphs=true", cwd=tmp_path,
+                        check=False)
+    assert result.returncode != 0 and "--cuda_graphs=true does not work with Qwen3-VL" in result.stderr
+    result = run_script("train.py", "--model_id=tiny-random", "--cuda_graphs=sometimes", cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "--cuda_graphs=sometimes: expected auto, true or false" in result.stderr
