@@ -28,7 +28,7 @@ from latexocr.config import apply_overrides  # noqa: E402
 TINY = False  # the tiny random model on CPU, a few steps: a smoke run of this script
 SAMPLES = 996  # training samples (the tutorial's 1000 minus its 4 val)
 TUTORIAL_STEPS = 10  # optimizer steps timed for the tutorial (its 2 epochs are 126 of the same steps)
-OUR_STEPS = 30  # optimizer steps timed for each train.py row
+OUR_STEPS = 0  # optimizer steps run for each train.py row; 0 = all of its 2 epochs, measured whole
 EVAL_IMAGES = 64  # images for infer.py's batched generation
 TUTORIAL_EVAL_IMAGES = 4  # images for the tutorial's one-at-a-time loop (its speed per image is steady)
 EVAL_MAX_NEW_TOKENS = 64  # token cap for both; random weights never stop early, so every image uses it all
@@ -47,7 +47,7 @@ from transformers import AutoProcessor  # noqa: E402
 
 PEAK_FLOPS = 790e12  # H200 dense bf16
 LANGUAGE_PARAMS, VISION_PARAMS = 1.5436e9, 630.65e6  # Qwen2-VL-2B, from DEVICE.md's MFU formula
-EPOCH_STEPS = -(-2 * SAMPLES // 16)  # optimizer steps in 2 epochs at batch 16
+EPOCH_STEPS = 2 * -(-SAMPLES // 16)  # optimizer steps in 2 epochs at batch 16 (each epoch ends with a short batch)
 
 
 def mfu(samples_per_s: float, tokens_per_sample: float, patches_per_sample: float, checkpointing: bool) -> float:
@@ -72,16 +72,18 @@ def padded_tokens_per_sample(samples: list[tuple[Path, str]], image_sizing: dict
 
 
 def run_train_py(name: str, *flags: str, steps: int = 0) -> dict:
-    """train.py as a user runs it, on the benchmark data, for `steps` optimizer steps (0 = OUR_STEPS);
-    returns its train_results.json."""
+    """train.py as a user runs it, on the benchmark data, for `steps` optimizer steps (0 = OUR_STEPS, and 0 there
+    = its 2 epochs); returns its train_results.json, or what failed (the other rows still run)."""
     output_dir = results_dir / name
     command = [sys.executable, str(ROOT / "train.py"), f"--model_id={model_dir}", f"--train_json_path={train_json}",
-               "--val_json_path=", f"--output_dir={output_dir}", f"--max_steps={steps or OUR_STEPS}", "--logging_steps=10",
+               "--val_json_path=", f"--output_dir={output_dir}", f"--max_steps={steps or OUR_STEPS or -1}", "--logging_steps=10",
                "--save_steps=1000000", "--resume=false", "--swanlab_mode=disabled",
                *(["--device=cpu"] if TINY else []), *flags]
     start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=results_dir)
+    status = subprocess.run(command, cwd=results_dir).returncode
     wall = time.perf_counter() - start
+    if status:
+        return dict(failed=f"train.py exited with status {status} (its output is above)", flags=list(flags))
     result = json.loads((output_dir / "train_results.json").read_text())
     result["process_wall_s"] = wall  # start-up, loading and the memory probe included
     result["flags"] = list(flags)
@@ -96,7 +98,7 @@ if not on_gpu and not TINY:
     raise SystemExit("No CUDA GPU: run on a GPU, or use --tiny=true for a CPU smoke run of this script.")
 if TINY:
     SAMPLES, TUTORIAL_STEPS, OUR_STEPS, EVAL_IMAGES, TUTORIAL_EVAL_IMAGES, EVAL_MAX_NEW_TOKENS = 48, 2, 2, 4, 2, 4
-    EPOCH_STEPS = -(-2 * SAMPLES // 16)
+    EPOCH_STEPS = 2 * -(-SAMPLES // 16)
 results_path = results_dir / "bench.json"
 results = json.loads(results_path.read_text()) if results_path.is_file() else {}
 results["environment"] = dict(device=torch.cuda.get_device_name() if on_gpu else "cpu", date=time.strftime("%Y-%m-%d"),
@@ -141,17 +143,7 @@ processor = AutoProcessor.from_pretrained(model_dir)
 runs = RUNS.split(",")
 tutorial_sizing = chat.sizing(image_size="500x100")
 if on_gpu:  # the first training process on a freshly started machine ran at half speed: warm up, unmeasured
-    run_train_py("warmup", steps=min(OUR_STEPS, 5))
-for name, flags in [("ours_tutorial_size", ["--image_size=500x100"]), ("ours", []),
-                    ("ours_compiled", ["--torch_compile=true"]), ("ours_24gib", ["--gpu_memory_gib=24"]),
-                    ("ours_12gib", ["--gpu_memory_gib=12"])]:
-    if name in runs and (on_gpu or "gib" not in name):
-        result = run_train_py(name, *flags)
-        sizing = tutorial_sizing if "--image_size=500x100" in flags else chat.sizing()
-        result["patches_per_sample"] = patches_per_sample(samples, sizing)
-        result["tokens_per_sample"] = padded_tokens_per_sample(samples, sizing)
-        results[name] = result
-        results_path.write_text(json.dumps(results, indent=1) + "\n")
+    run_train_py("warmup", steps=5)
 if "tutorial" in runs:
     result = train_tutorial(model_dir, train_json, results_dir / "tutorial", max_steps=TUTORIAL_STEPS,
                             device="cuda" if on_gpu else "cpu")
@@ -159,12 +151,26 @@ if "tutorial" in runs:
     result["tokens_per_sample"] = result["padded_tokens"] / result["samples"]
     result["activation_checkpointing"] = on_gpu
     results["tutorial"] = result
+    results_path.write_text(json.dumps(results, indent=1) + "\n")
+for name, flags in [("ours_tutorial_size", ["--image_size=500x100"]), ("ours", []),
+                    ("ours_compiled", ["--torch_compile=true"]), ("ours_24gib", ["--gpu_memory_gib=24"]),
+                    ("ours_12gib", ["--gpu_memory_gib=12"])]:
+    if name in runs and (on_gpu or "gib" not in name):
+        result = results[name] = run_train_py(name, *flags)
+        if "failed" not in result:
+            sizing = tutorial_sizing if "--image_size=500x100" in flags else chat.sizing()
+            result["patches_per_sample"] = patches_per_sample(samples, sizing)
+            result["tokens_per_sample"] = padded_tokens_per_sample(samples, sizing)
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
 for name in ("tutorial", "ours_tutorial_size", "ours", "ours_compiled", "ours_24gib", "ours_12gib"):
-    if name in results:
+    if name in results and "failed" not in results[name]:
         r = results[name]
         # The tutorial's .map; train.py's vision cache (it prepares images on the fly, in DataLoader workers)
         r["preprocess_s"] = r.get("preprocess_s", r.get("vision_cache_s", 0.0))
-        r["two_epochs_s"] = r["preprocess_s"] + EPOCH_STEPS * 16 / r["steady_samples_per_s"]
+        # Measured when the row ran its 2 epochs (graph captures, the short last batches included), else projected
+        whole = r.get("steps") == EPOCH_STEPS and r.get("steps_this_run") == EPOCH_STEPS
+        training_s = r["train_runtime_s"] if whole else EPOCH_STEPS * 16 / r["steady_samples_per_s"]
+        r["two_epochs_s"] = r["preprocess_s"] + training_s
         r["tokens_per_s"] = r["tokens_per_sample"] * r["steady_samples_per_s"]
         # With the vision cache a step does no vision FLOPs: they were done once, before training
         vision_patches = 0.0 if r.get("vision_cache_s") else r["patches_per_sample"]
@@ -211,8 +217,13 @@ for name in ("tutorial", "ours_tutorial_size", "ours", "ours_compiled", "ours_24
     if name not in results:
         continue
     r = results[name]
+    if "failed" in r:
+        lines.append(f"| {name} | failed: {r['failed']} |||||||")
+        continue
     micro = (4, 4) if name == "tutorial" else (r["micro_batch_size"], r["gradient_accumulation_steps"])
     shape = f"{micro[0]} x {micro[1]}, {'on' if r['activation_checkpointing'] else 'off'}"
+    if r.get("cuda_graphs"):
+        shape += f"; {r['cuda_graphs']} CUDA graphs"
     if r.get("max_tokens_per_forward"):
         shape += f"; split over {r['max_tokens_per_forward']:,} tokens: {r['split_batches']} of {r['steps_this_run']}"
     ratio = (f"{r['steady_samples_per_s'] / base['steady_samples_per_s']:.1f}x speed, "
