@@ -10,7 +10,7 @@ against infer.py's batched path, same images, same token cap.
 
 Reads:  ../shared/data/latex_ocr_val_formulas.txt when present (else synthetic formulas)
 Writes: bench_results/bench.json (every number below) and bench_results/bench.md (the table)
-Run:    python bench/speed.py                  (a CUDA GPU; about 12 minutes, the first 45 s an unmeasured warm-up)
+Run:    python bench/speed.py                  (a CUDA GPU; about 12 minutes, the first 40 s an unmeasured warm-up)
         python bench/speed.py --tiny=true      (CPU, the tiny model, a few steps: checks the script runs)
 """
 
