@@ -748,12 +748,12 @@ if per_device_batch % micro_batch:
     raise SystemExit(f"micro_batch_size={micro_batch} must divide the per-GPU batch size {per_device_batch}.")
 
 # --- CUDA graphs -----------------------------------------------------------------
-# Settings a graph cannot hold: collective calls inside the backward (several processes), the recomputed forward of
-# checkpointing (it saves and restores the RNG state), code torch.compile manages, Qwen3-VL's deepstack features
-# (added inside the language model), batches split into passes of any size (--max_tokens_per_forward).
-graphs_unfit = ("several processes" if world_size > 1 else "activation checkpointing" if checkpointing
-                else "--torch_compile" if TORCH_COMPILE else f"{family.name}" if levels > 1
-                else "--max_tokens_per_forward" if MAX_TOKENS_PER_FORWARD else "")
+# Settings a graph cannot hold: collective calls inside the backward (several processes), DeepSpeed's or FSDP's own
+# backward, the recomputed forward of checkpointing (it saves and restores the RNG state), code torch.compile
+# manages, Qwen3-VL's deepstack features (added inside the language model), batches split into passes of any size.
+graphs_unfit = ("several processes" if world_size > 1 else f"--distributed={DISTRIBUTED}" if DISTRIBUTED != "ddp"
+                else "activation checkpointing" if checkpointing else "--torch_compile" if TORCH_COMPILE
+                else f"{family.name}" if levels > 1 else "--max_tokens_per_forward" if MAX_TOKENS_PER_FORWARD else "")
 if CUDA_GRAPHS == "true" and graphs_unfit:
     raise SystemExit(f"--cuda_graphs=true does not work with {graphs_unfit}. Use --cuda_graphs=auto (on where it "
                      "works) or false.")
@@ -862,6 +862,10 @@ if finished:  # the adapter as the checkpoint holds it, saved and scored again b
 else:
     with disable_input_dtype_casting(model):
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+if step_graphs:  # their memory and the gradient buffers go back before evaluation generates
+    model.zero_grad(set_to_none=True)
+    step_graphs.grads.clear()
+    step_graphs.release("training is over")
 
 # --- save --------------------------------------------------------------------
 if finished:  # no Trainer ran (nor prepared DeepSpeed or FSDP): the model is the plain one
