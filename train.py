@@ -790,8 +790,9 @@ else:
         gc.collect()
         torch.cuda.empty_cache()
     if step_graphs:
-        print(f"CUDA graphs: on; the largest batch shape captured in {step_graphs.capture_s:.1f} s, each other "
-              "shape is captured at its first step, then replayed")
+        smaller = f" ({why_not}: {micro_batch} per pass instead)" if why_not else ""
+        print(f"CUDA graphs: on{smaller}; the largest batch shape captured in {step_graphs.capture_s:.1f} s, each "
+              "other shape is captured at its first step, then replayed")
     else:
         print(f"CUDA graphs: off ({why_not}); every step launches its kernels one by one")
 
