@@ -84,21 +84,25 @@ def test_predict_gives_one_string_per_image(tiny_model_dir, processor, train_jso
 def test_train_py_computes_the_tutorials_losses_at_its_inputs(tiny_model_dir, tmp_path):
     """train.py changes how the work is done, not the math: set to the tutorial's image size, prompt and
     16 samples per step (without dropout's random masks), its first 10 losses equal the recipe's on the
-    same samples in the same order, though it runs them as one micro-batch of 16 instead of 4 x 4."""
+    same samples in the same order, though it runs them as one micro-batch of 16 instead of 4 x 4. So do
+    the padded steps a GPU replays as CUDA graphs (run here without capturing)."""
     synthetic_train_json(tmp_path, 160, seed=1)
     tutorial = train_tutorial(tiny_model_dir, tmp_path / "train.json", tmp_path / "tutorial", max_steps=10,
                               end_token="im_end", lora_dropout=0.0, device="cpu")
-    ours = run_script("train.py", "--model_id=tiny-random", "--train_json_path=train.json", "--val_json_path=",
-                      "--image_size=500x100", f"--prompt={TUTORIAL_PROMPT}", "--lora_dropout=0.0",
-                      "--max_steps=10", "--logging_steps=1", "--lr_scheduler_type=linear", "--num_workers=0",
-                      "--swanlab_mode=disabled", "--output_dir=ours", cwd=tmp_path)
-    assert "16 per forward pass x 1 accumulation" in ours.stdout
-    assert "vision cache: the vision tower's output for 160 images" in ours.stdout  # not the model's own path
-    our_losses, our_grad_norms = logged_losses(tmp_path / "ours" / "checkpoint-10")
-    assert len(our_losses) == len(tutorial["losses"]) == 10
-    # Seen: equal to 1e-7 (fp32 summation order). Losses move by ~2e-3 from step to step, and the gradient
-    # norms by ~5%, so a shuffled order, a lost sample or a changed label would break these bounds.
-    for step in range(10):
-        assert our_losses[step] == pytest.approx(tutorial["losses"][step], rel=1e-4), f"loss at step {step + 1}"
-        assert our_grad_norms[step] == pytest.approx(tutorial["grad_norms"][step], rel=1e-4), f"grad at {step + 1}"
-    assert our_losses[0] != our_losses[-1]  # the steps trained, so a later mismatch would show
+    for graphs in ("false", "true"):
+        ours = run_script("train.py", "--model_id=tiny-random", "--train_json_path=train.json", "--val_json_path=",
+                          "--image_size=500x100", f"--prompt={TUTORIAL_PROMPT}", "--lora_dropout=0.0",
+                          "--max_steps=10", "--logging_steps=1", "--lr_scheduler_type=linear", "--num_workers=0",
+                          "--swanlab_mode=disabled", f"--output_dir=ours_{graphs}", f"--cuda_graphs={graphs}",
+                          cwd=tmp_path)
+        assert "16 per forward pass x 1 accumulation" in ours.stdout
+        assert "vision cache: the vision tower's output for 160 images" in ours.stdout  # not the model's own path
+        assert ("the steps run padded, as the graphs would run them" in ours.stdout) == (graphs == "true")
+        our_losses, our_grad_norms = logged_losses(tmp_path / f"ours_{graphs}" / "checkpoint-10")
+        assert len(our_losses) == len(tutorial["losses"]) == 10
+        # Seen: equal to 1e-7 (fp32 summation order). Losses move by ~2e-3 from step to step, and the gradient
+        # norms by ~5%, so a shuffled order, a lost sample or a changed label would break these bounds.
+        for step in range(10):
+            assert our_losses[step] == pytest.approx(tutorial["losses"][step], rel=1e-4), f"loss at {step + 1}"
+            assert our_grad_norms[step] == pytest.approx(tutorial["grad_norms"][step], rel=1e-4), f"grad at {step + 1}"
+        assert our_losses[0] != our_losses[-1]  # the steps trained, so a later mismatch would show
