@@ -347,9 +347,9 @@ class StepGraphs:
     ROWS_MULTIPLE = 2 * AnswerLogits.ROWS_PER_CHUNK  # labelled positions
 
     def __init__(self, model, answer_logits: AnswerLogits, capture: bool):
-        self.model, self.answer_logits, self.capture = model, answer_logits, capture
-        base = model.get_base_model()
-        self.language_model, self.image_token_id = base.model.language_model, base.config.image_token_id
+        self.answer_logits, self.capture = answer_logits, capture
+        self.base = model.get_base_model()
+        self.language_model, self.image_token_id = self.base.model.language_model, self.base.config.image_token_id
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.shapes = {}  # (batch, length, rows) -> [buffers, graph, loss]; graph None when run without one
@@ -362,13 +362,12 @@ class StepGraphs:
 
     def embeddings(self, inputs) -> torch.Tensor:
         """The language model's input: token embeddings with the image features in place of the image tokens."""
-        base = self.model.get_base_model()
         with torch.no_grad(), torch.autocast(inputs["input_ids"].device.type, dtype=torch.bfloat16, enabled=on_gpu):
-            embeds = base.get_input_embeddings()(inputs["input_ids"])
+            embeds = self.base.get_input_embeddings()(inputs["input_ids"])
             if "vision_outputs" in inputs:
                 image = inputs["vision_outputs"][0]
             else:
-                image = torch.cat(base.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                image = torch.cat(self.base.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
                                                           return_dict=True).pooler_output)
             placeholders = (inputs["input_ids"] == self.image_token_id).unsqueeze(-1)
             return embeds.masked_scatter(placeholders, image.to(embeds.dtype))
@@ -390,8 +389,8 @@ class StepGraphs:
         buffers["embeds"][:, :length].copy_(embeds)
         buffers["embeds"][:, length:].zero_()
         keys = torch.nn.functional.pad(inputs["attention_mask"], (0, padded - length)).bool()
-        causal = torch.ones(padded, padded, dtype=torch.bool, device=keys.device).tril()
-        buffers["mask"].copy_(causal & keys[:, None, None, :])  # (batch, 1, query, key): True where attended
+        # (batch, 1, query, key): True where attended
+        torch.logical_and(buffers["causal"], keys[:, None, None, :], out=buffers["mask"])
         buffers["position_ids"][..., :length].copy_(inputs["position_ids"])
         buffers["position_ids"][..., length:].zero_()
         positions, rows = inputs["answer_positions"], len(inputs["answer_positions"])
@@ -408,6 +407,7 @@ class StepGraphs:
         batch, device = len(embeds), embeds.device
         return dict(embeds=embeds.new_zeros(batch, length, embeds.shape[-1]),
                     mask=torch.zeros(batch, 1, length, length, dtype=torch.bool, device=device),
+                    causal=torch.ones(length, length, dtype=torch.bool, device=device).tril(),
                     position_ids=torch.zeros(3, batch, length, dtype=torch.long, device=device),
                     positions=torch.zeros(rows, dtype=torch.long, device=device),
                     targets=torch.full((rows,), chat.IGNORE_INDEX, dtype=torch.long, device=device),
@@ -550,15 +550,13 @@ def fits_in_memory(model, answer_logits: AnswerLogits, samples, reserve_bytes: i
 
 
 def largest_fitting_micro_batch(model, answer_logits: AnswerLogits, longest, per_device_batch: int,
-                                device: str) -> int | None:
+                                reserve_bytes: int, device: str) -> int | None:
     """The largest micro-batch (a divisor of the per-GPU batch, so accumulation keeps the batch size) whose
-    forward and backward on the longest samples (`longest`, longest first) fit in GPU memory, leaving room
-    for the optimizer state; None when not even one sample fits.
+    forward and backward on the longest samples (`longest`, longest first) fit in GPU memory, leaving
+    reserve_bytes for the optimizer state; None when not even one sample fits.
 
     With several processes it is the smallest any of them found: every process must use the same one, or
     with different gradient accumulation they would synchronise gradients at different forward passes."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    reserve_bytes = 2 * 4 * trainable + 2**29  # AdamW's two fp32 moments, and 0.5 GiB of slack
     micro = next((m for m in divisors_down(per_device_batch)
                   if fits_in_memory(model, answer_logits, longest[:m], reserve_bytes, device)), None)
     if world_size == 1:
@@ -673,6 +671,7 @@ lora = LoraConfig(task_type="CAUSAL_LM", r=LORA_RANK, lora_alpha=LORA_ALPHA, lor
 transformers.set_seed(SEED)  # here, so that nothing before (building the tiny model, say) shifts the LoRA init
 model = get_peft_model(model, lora)
 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+optimizer_bytes = 2 * 4 * trainable + 2**29  # GPU memory kept free: AdamW's two fp32 moments, and 0.5 GiB of slack
 total = sum(p.numel() for p in model.parameters())
 print(f"model: {MODEL_ID} ({family.name}) from {model_dir}; LoRA r={LORA_RANK} trains {trainable:,} of "
       f"{total:,} parameters ({100 * trainable / total:.2f}%) on {DEVICE}")
@@ -734,11 +733,13 @@ if on_gpu and sharded and not MICRO_BATCH_SIZE:
 if on_gpu and not MICRO_BATCH_SIZE and not sharded and not finished:
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    micro_batch = largest_fitting_micro_batch(model, answer_logits, longest_first, per_device_batch, local_device)
+    micro_batch = largest_fitting_micro_batch(model, answer_logits, longest_first, per_device_batch,
+                                                  optimizer_bytes, local_device)
     if GRADIENT_CHECKPOINTING == "auto" and (micro_batch or 0) < min(4, per_device_batch):
         checkpointing = True
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        micro_batch = largest_fitting_micro_batch(model, answer_logits, longest_first, per_device_batch, local_device)
+        micro_batch = largest_fitting_micro_batch(model, answer_logits, longest_first, per_device_batch,
+                                                  optimizer_bytes, local_device)
     if micro_batch is None:
         free = torch.cuda.mem_get_info(local_device)[0] / 2**30
         raise SystemExit(f"Not even one sample of the longest kind fits in GPU memory ({free:.1f} GiB free) with "
@@ -766,10 +767,9 @@ elif not on_gpu:
     print("CUDA graphs: no GPU, nothing to capture; the steps run padded, as the graphs would run them")
 else:
     # The largest shape first (the longest samples, room for the most labelled positions a batch can have), for the
-    # largest micro-batch whose graphs leave room for AdamW's two fp32 moments (made at the first step) and 0.5 GiB.
+    # largest micro-batch whose graphs leave optimizer_bytes free (AdamW's moments are made at the first step).
     # Graphs keep their memory, and padding costs some: that can be a smaller micro-batch than the probe's.
     answer_rows = sorted((len(a) + 1 for a in answer_tokens["input_ids"][:len(train_samples)]), reverse=True)
-    optimizer_bytes = 2 * 4 * trainable + 2**29
     limit = GPU_MEMORY_GIB * 2**30 if GPU_MEMORY_GIB else torch.cuda.get_device_properties(local_device).total_memory
     why_not = ""
     for size in [micro_batch] if MICRO_BATCH_SIZE else [d for d in divisors_down(per_device_batch) if d <= micro_batch]:
