@@ -60,3 +60,16 @@ def logged_losses(checkpoint: Path) -> tuple[list[float], list[float]]:
     """The losses and gradient norms of the steps train.py logged, from a checkpoint's trainer_state.json."""
     history = [e for e in json.loads((checkpoint / "trainer_state.json").read_text())["log_history"] if "loss" in e]
     return [e["loss"] for e in history], [e["grad_norm"] for e in history]
+
+
+def assert_same_adapter(folder: Path, reference: Path) -> dict:
+    """The adapters train.py saved in the two folders hold the same weights (to fp32 summation order); returns
+    the first one's."""
+    import torch
+    from safetensors.torch import load_file
+    weights = load_file(folder / "adapter_model.safetensors")
+    expected = load_file(reference / "adapter_model.safetensors")
+    assert weights.keys() == expected.keys()
+    for name, weight in expected.items():
+        torch.testing.assert_close(weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    return weights

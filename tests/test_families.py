@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from conftest import run_script
+from conftest import assert_same_adapter, run_script
 from latexocr import chat, families, modeling
 from latexocr.data import read_conversations
 
@@ -153,13 +153,9 @@ def test_the_vision_cache_trains_the_same_adapter_as_the_vision_tower_in_every_s
     _, folder, outputs = family_run
     assert "vision cache: the vision tower's output for 22 images" in outputs["train"].stdout
     assert "vision cache: off (vision_cache_gib=0)" in outputs["uncached"].stdout
-    cached = load_file(folder / ADAPTER_DIR / "adapter_model.safetensors")
-    uncached = load_file(folder / "uncached" / "adapter_model.safetensors")
-    assert cached.keys() == uncached.keys()
+    cached = assert_same_adapter(folder / ADAPTER_DIR, folder / "uncached")
     trained = [name for name in cached if "lora_B" in name]
     assert all(cached[name].abs().max() > 1e-4 for name in trained)  # B starts at zero: both runs moved it
-    for name in cached:
-        torch.testing.assert_close(cached[name], uncached[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_train_saves_a_language_model_adapter_and_records_the_family(family_run):

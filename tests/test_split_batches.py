@@ -3,10 +3,8 @@
 import json
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from conftest import logged_losses, run_script, synthetic_train_json
+from conftest import assert_same_adapter, logged_losses, run_script, synthetic_train_json
 
 TRAIN = ("--model_id=tiny-random", "--train_json_path=train.json", "--val_json_path=", "--lora_dropout=0.0",
          "--max_steps=3", "--save_steps=3", "--logging_steps=1", "--num_workers=0", "--swanlab_mode=disabled")
@@ -23,10 +21,7 @@ def test_split_batches_train_as_whole_ones(tmp_path):
     whole_losses, whole_norms = logged_losses(tmp_path / "whole" / "checkpoint-3")
     split_losses, split_norms = logged_losses(tmp_path / "split" / "checkpoint-3")
     assert split_losses == pytest.approx(whole_losses, rel=1e-5) and split_norms == pytest.approx(whole_norms, rel=1e-5)
-    whole_adapter = load_file(tmp_path / "whole" / "adapter_model.safetensors")
-    split_adapter = load_file(tmp_path / "split" / "adapter_model.safetensors")
-    for name, weight in whole_adapter.items():
-        torch.testing.assert_close(split_adapter[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_adapter(tmp_path / "split", tmp_path / "whole")
 
 
 def test_the_token_budget_and_a_fixed_micro_batch_are_refused_together(tmp_path):
