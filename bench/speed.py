@@ -76,8 +76,8 @@ def run_train_py(name: str, *flags: str, steps: int = 0) -> dict:
     = its 2 epochs); returns its train_results.json, or what failed (the other rows still run)."""
     output_dir = results_dir / name
     command = [sys.executable, str(ROOT / "train.py"), f"--model_id={model_dir}", f"--train_json_path={train_json}",
-               "--val_json_path=", f"--output_dir={output_dir}", f"--max_steps={steps or OUR_STEPS or -1}", "--logging_steps=10",
-               "--save_steps=1000000", "--resume=false", "--swanlab_mode=disabled",
+               "--val_json_path=", f"--output_dir={output_dir}", f"--max_steps={steps or OUR_STEPS or -1}",
+               "--logging_steps=10", "--save_steps=1000000", "--resume=false", "--swanlab_mode=disabled",
                *(["--device=cpu"] if TINY else []), *flags]
     start = time.perf_counter()
     status = subprocess.run(command, cwd=results_dir).returncode
