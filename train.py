@@ -305,7 +305,9 @@ class AnswerLogits:
     def loss(self, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         """Cross-entropy summed over the labelled tokens, divided by the labelled tokens of the whole optimizer step
         (num_items_in_batch, as the Trainer counts them) or of this batch."""
-        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        # Batches are right-padded: with causal attention alone no real token sees the padding, and the attention runs
+        # the Flash kernel, which takes no mask (and padded positions carry no label).
+        inputs = {k: v for k, v in inputs.items() if k not in ("labels", "attention_mask")}
         self.positions, targets = inputs.pop("answer_positions"), inputs.pop("answer_targets")
         if "vision_outputs" in inputs:
             inputs["mm_encoder_outputs"] = self.vision_cache.encoder_outputs(inputs.pop("vision_outputs"))
@@ -334,7 +336,7 @@ class StepGraphs:
     kernels one at a time from Python, and the GPU waits for it more than half of the step.
 
     A graph replays fixed shapes at fixed addresses. So each batch is copied into buffers kept for its shape: its
-    length padded to a multiple of LENGTH_MULTIPLE (the padding is masked out, as a batch's own padding is) and
+    length padded to a multiple of LENGTH_MULTIPLE (after its own padding, which attention needs no mask for) and
     its labelled positions to a multiple of ROWS_MULTIPLE (the padded ones carry no target). Loss and gradients
     stay those of the batch. Outside the graph, eagerly, run what reads sizes back from the GPU (the embedding
     lookup, placing the image features, the vision tower when it is not cached) and the optimizer. The gradients
@@ -376,8 +378,7 @@ class StepGraphs:
         """What the graph holds: the forward with the loss, and the backward into the gradient buffers."""
         with torch.autocast(buffers["embeds"].device.type, dtype=torch.bfloat16, enabled=on_gpu, cache_enabled=False):
             hidden = self.language_model(inputs_embeds=buffers["embeds"], position_ids=buffers["position_ids"],
-                                         attention_mask={"full_attention": buffers["mask"]},
-                                         use_cache=False).last_hidden_state
+                                         use_cache=False).last_hidden_state  # no mask: see AnswerLogits.loss
             rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, buffers["positions"])
             loss = self.answer_logits.summed_loss(rows, buffers["targets"]) / buffers["denominator"]
         loss.backward()
@@ -388,9 +389,6 @@ class StepGraphs:
         padded = buffers["embeds"].shape[1]
         buffers["embeds"][:, :length].copy_(embeds)
         buffers["embeds"][:, length:].zero_()
-        keys = torch.nn.functional.pad(inputs["attention_mask"], (0, padded - length)).bool()
-        # (batch, 1, query, key): True where attended
-        torch.logical_and(buffers["causal"], keys[:, None, None, :], out=buffers["mask"])
         buffers["position_ids"][..., :length].copy_(inputs["position_ids"])
         buffers["position_ids"][..., length:].zero_()
         positions, rows = inputs["answer_positions"], len(inputs["answer_positions"])
@@ -406,8 +404,6 @@ class StepGraphs:
     def new_buffers(self, length: int, rows: int, embeds: torch.Tensor) -> dict:
         batch, device = len(embeds), embeds.device
         return dict(embeds=embeds.new_zeros(batch, length, embeds.shape[-1]),
-                    mask=torch.zeros(batch, 1, length, length, dtype=torch.bool, device=device),
-                    causal=torch.ones(length, length, dtype=torch.bool, device=device).tril(),
                     position_ids=torch.zeros(3, batch, length, dtype=torch.long, device=device),
                     positions=torch.zeros(rows, dtype=torch.long, device=device),
                     targets=torch.full((rows,), chat.IGNORE_INDEX, dtype=torch.long, device=device),
@@ -671,6 +667,7 @@ lora = LoraConfig(task_type="CAUSAL_LM", r=LORA_RANK, lora_alpha=LORA_ALPHA, lor
 transformers.set_seed(SEED)  # here, so that nothing before (building the tiny model, say) shifts the LoRA init
 model = get_peft_model(model, lora)
 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+modeling.fuse_language_model(model, lora=DISTRIBUTED != "zero3")
 optimizer_bytes = 2 * 4 * trainable + 2**29  # GPU memory kept free: AdamW's two fp32 moments, and 0.5 GiB of slack
 total = sum(p.numel() for p in model.parameters())
 print(f"model: {MODEL_ID} ({family.name}) from {model_dir}; LoRA r={LORA_RANK} trains {trainable:,} of "

@@ -74,6 +74,44 @@ def load_base_model(model_dir: Path, device: str, place: bool = True):
     return (model.to(device) if place else model), processor
 
 
+def rms_norm(norm, hidden: torch.Tensor) -> torch.Tensor:
+    """The Qwen models' RMSNorm in one fused kernel: weight * x / sqrt(mean(x^2) + eps), computed in fp32 and rounded
+    once to x's dtype (the model's own code rounds the normalised x, then the product)."""
+    if norm.weight.dtype != hidden.dtype:  # the model's code returns the weight's dtype then
+        return type(norm).forward(norm, hidden)
+    return torch.nn.functional.rms_norm(hidden, (hidden.shape[-1],), norm.weight, norm.variance_epsilon)
+
+
+def lora_linear(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft's LoRA linear, base(x) + B(A(dropout(x))) * scaling, with the last product, its scaling and the sum in one
+    matrix multiply-add. As in training with peft's input casting off, autocast decides the adapter's dtype; without
+    autocast, an input of another dtype than the adapter's takes peft's own path (which casts it)."""
+    b = layer.lora_B["default"].weight
+    if layer.disable_adapters or layer.merged or layer.active_adapters != ["default"] or \
+            (x.dtype != b.dtype and not torch.is_autocast_enabled(x.device.type)):
+        return type(layer).forward(layer, x, *args, **kwargs)
+    out = layer.base_layer(x, *args, **kwargs)
+    down = layer.lora_A["default"](layer.lora_dropout["default"](x))
+    return torch.addmm(out.reshape(-1, out.shape[-1]), down.reshape(-1, down.shape[-1]), b.t(),
+                       alpha=layer.scaling["default"]).view(out.shape)
+
+
+def fuse_language_model(model, lora: bool = True) -> int:
+    """Make the language model's RMSNorms and (lora=True) plain LoRA linears of `model` (a peft model) run fewer, fused
+    kernels, with the same math: on a GPU the norms alone took 11% of a training step. Not the LoRA linears under
+    DeepSpeed ZeRO-3: it gathers a weight when its module is called, and B's weight is used directly. Returns the
+    modules changed."""
+    from peft.tuners.lora import Linear as LoraLinear
+    changed = 0
+    for module in model.get_base_model().model.language_model.modules():
+        if lora and isinstance(module, LoraLinear) and "default" in module.lora_A \
+                and "default" not in module.lora_variant and not module.lora_bias.get("default"):  # no DoRA, no bias
+            module.forward, changed = lora_linear.__get__(module), changed + 1
+        elif type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward, changed = rms_norm.__get__(module), changed + 1
+    return changed
+
+
 def load_adapter(model, adapter_dir: Path, model_id: str):
     """The base model with train.py's LoRA adapter; an adapter of another base model ends the run with a message."""
     from peft import PeftModel

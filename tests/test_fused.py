@@ -1,0 +1,73 @@
+"""The training step's fused kernels (modeling.fuse_language_model) and its unmasked attention compute what the model's
+own code computes."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from latexocr import modeling
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_model(model_dir, seed: int = 0):
+    model, _ = modeling.load_base_model(model_dir, "cpu")
+    torch.manual_seed(seed)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.3, target_modules=TARGETS))
+    with torch.no_grad():  # B starts at zero, which would hide a wrong scaling or a missing term
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    return model.train()
+
+
+def forward_backward(model, embeds, seed: int):
+    """The language model's output on `embeds` with dropout seeded, and each LoRA weight's gradient."""
+    torch.manual_seed(seed)
+    hidden = model.get_base_model().model.language_model(inputs_embeds=embeds).last_hidden_state
+    (hidden ** 2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return hidden.detach(), grads
+
+
+def test_fused_language_model_gives_the_same_outputs_and_gradients(tiny_model_dir):
+    plain, fused = lora_model(tiny_model_dir), lora_model(tiny_model_dir)
+    layers = len(fused.get_base_model().model.language_model.layers)
+    assert modeling.fuse_language_model(fused) == layers * (len(TARGETS) + 2) + 1  # LoRA linears, 2 norms, final norm
+    embeds = torch.randn(3, 17, fused.get_base_model().config.get_text_config().hidden_size)
+    for seed in (1, 2):  # dropout draws the same masks in the same order
+        expected, expected_grads = forward_backward(plain, embeds, seed)
+        hidden, grads = forward_backward(fused, embeds, seed)
+        torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
+        assert grads.keys() == expected_grads.keys() and len(grads) == layers * len(TARGETS) * 2
+        for name in grads:
+            torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    with fused.disable_adapter(), plain.disable_adapter(), torch.no_grad():  # the fused linear steps aside
+        plain.eval(), fused.eval()
+        without = fused.get_base_model().model.language_model(inputs_embeds=embeds).last_hidden_state
+        base = plain.get_base_model().model.language_model(inputs_embeds=embeds).last_hidden_state
+        torch.testing.assert_close(without, base)
+        assert not torch.allclose(without, expected, atol=1e-3)  # the adapter changed the output above
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_right_padding_needs_no_attention_mask(tiny_model_dir, fuse):
+    """Training batches are right-padded and run without a mask: causal attention keeps the real tokens from the
+    padding, so their hidden states are those of the masked batch."""
+    model = lora_model(tiny_model_dir).eval()
+    if fuse:
+        modeling.fuse_language_model(model)
+    language_model = model.get_base_model().model.language_model
+    embeds = torch.randn(2, 12, model.get_base_model().config.get_text_config().hidden_size)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, 7:] = 0  # the first row is 7 tokens long, then padding
+    with torch.no_grad():
+        masked = language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        unmasked = language_model(inputs_embeds=embeds).last_hidden_state
+        shorter = language_model(inputs_embeds=embeds[:1, :7]).last_hidden_state
+    torch.testing.assert_close(unmasked[0, :7], masked[0, :7], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unmasked[0, :7], shorter[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unmasked[1], masked[1], rtol=1e-5, atol=1e-5)
+    left = torch.cat([embeds[:1, 7:], embeds[:1, :7]], dim=1)  # the same padding on the left would change them
+    assert not torch.allclose(language_model(inputs_embeds=left).last_hidden_state[0, 5:], shorter[0], atol=1e-3)
