@@ -4,6 +4,7 @@ own code computes."""
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.helpers import disable_input_dtype_casting
 
 from latexocr import modeling
 
@@ -34,7 +35,8 @@ def forward_backward(model, embeds, seed: int):
 def test_fused_language_model_gives_the_same_outputs_and_gradients(tiny_model_dir):
     plain, fused = lora_model(tiny_model_dir), lora_model(tiny_model_dir)
     layers = len(fused.get_base_model().model.language_model.layers)
-    assert modeling.fuse_language_model(fused) == layers * (len(TARGETS) + 2) + 1  # LoRA linears, 2 norms, final norm
+    # per layer the LoRA linears, 2 norms and the MLP; then the final norm
+    assert modeling.fuse_language_model(fused) == layers * (len(TARGETS) + 3) + 1
     embeds = torch.randn(3, 17, fused.get_base_model().config.get_text_config().hidden_size)
     for seed in (1, 2):  # dropout draws the same masks in the same order
         expected, expected_grads = forward_backward(plain, embeds, seed)
@@ -71,3 +73,27 @@ def test_right_padding_needs_no_attention_mask(tiny_model_dir, fuse):
     torch.testing.assert_close(unmasked[1], masked[1], rtol=1e-5, atol=1e-5)
     left = torch.cat([embeds[:1, 7:], embeds[:1, :7]], dim=1)  # the same padding on the left would change them
     assert not torch.allclose(language_model(inputs_embeds=left).last_hidden_state[0, 5:], shorter[0], atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Liger SwiGLU kernel and bf16 autocast need a CUDA GPU")
+def test_fused_language_model_on_a_gpu(tiny_model_dir):
+    """On a GPU in bf16 (the MLP then runs Liger's kernel): outputs and gradients as the model's own, within bf16's
+    rounding."""
+    plain, fused = lora_model(tiny_model_dir).cuda(), lora_model(tiny_model_dir).cuda()
+    modeling.fuse_language_model(fused)
+    for model in (plain, fused):
+        model.get_base_model().to(torch.bfloat16)
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.data = parameter.data.float()  # as in training: LoRA weights fp32, the base bf16
+    embeds = torch.randn(4, 33, plain.get_base_model().config.get_text_config().hidden_size, device="cuda",
+                         dtype=torch.bfloat16)
+    # As train.py trains: peft's cast of each adapter's input to fp32 off (a dropout draws its mask by dtype)
+    with torch.autocast("cuda", dtype=torch.bfloat16), disable_input_dtype_casting(plain), \
+            disable_input_dtype_casting(fused):
+        expected, expected_grads = forward_backward(plain, embeds, seed=3)
+        hidden, grads = forward_backward(fused, embeds, seed=3)
+    torch.testing.assert_close(hidden, expected, rtol=0.05, atol=0.05)
+    for name in grads:
+        cosine = torch.nn.functional.cosine_similarity(grads[name].flatten(), expected_grads[name].flatten(), dim=0)
+        assert cosine > 0.99, name
