@@ -459,6 +459,7 @@ class StepGraphs:
         Before the first capture one eager run on a side stream sets up what is set up lazily (cuBLAS workspaces,
         kernel choices); later shapes need none, and skipping it keeps that run's memory from sitting, cached for
         the side stream, next to the graphs' memory."""
+        torch.cuda.synchronize()  # the GPU's queued work is no part of the capture (torch.cuda.graph waits for it too)
         start = time.perf_counter()
         if not self.captures:
             kept = [p.grad for p in self.params]
@@ -596,14 +597,20 @@ def largest_fitting_micro_batch(model, answer_logits: AnswerLogits, longest, per
 class ProgressLine(ProgressCallback):
     """The progress bar, plus one compact line per logging interval instead of a dict dump."""
 
+    def __init__(self, step_graphs: StepGraphs | None):
+        super().__init__()
+        self.step_graphs = step_graphs
+
     def on_train_begin(self, args, state, control, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
         self.last_time, self.last_step = time.perf_counter(), state.global_step
         self.step_ends = []  # wall-clock time at the end of each optimizer step, for steady-state speed
+        self.capture_s = []  # the graphs' capture time so far, at the end of each step
 
     def on_step_end(self, args, state, control, **kwargs):
         super().on_step_end(args, state, control, **kwargs)
         self.step_ends.append(time.perf_counter())
+        self.capture_s.append(self.step_graphs.capture_s if self.step_graphs else 0.0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
@@ -877,7 +884,7 @@ args = TrainingArguments(
 trainer = AnswerLossTrainer(model=model, args=args, train_dataset=train_samples, data_collator=answer_logits,
                             callbacks=callbacks, answer_logits=answer_logits, step_graphs=step_graphs)
 trainer.remove_callback(ProgressCallback)
-progress = ProgressLine()
+progress = ProgressLine(step_graphs)
 trainer.add_callback(progress)
 if on_gpu:
     torch.cuda.reset_peak_memory_stats()
@@ -913,10 +920,13 @@ if main_process and finished:
 elif main_process:
     # Steady state leaves out the first step (DataLoader workers starting, kernels warming up).
     steady = progress.step_ends[-1] - progress.step_ends[0] if len(progress.step_ends) > 1 else float("nan")
+    # Capturing a graph is a one-time cost per batch shape, with the GPU idle: left out, the rate of replayed steps.
+    replayed = steady - (progress.capture_s[-1] - progress.capture_s[0]) if len(progress.step_ends) > 1 else steady
     results = dict(steps=trainer.state.global_step, steps_this_run=len(progress.step_ends),
                    train_runtime_s=result.metrics["train_runtime"],
                    samples_per_s=result.metrics["train_samples_per_second"],
                    steady_samples_per_s=(len(progress.step_ends) - 1) * BATCH_SIZE / steady,
+                   replayed_samples_per_s=(len(progress.step_ends) - 1) * BATCH_SIZE / replayed,
                    micro_batch_size=micro_batch, vision_cache_s=vision_cache_s,
                    max_tokens_per_forward=answer_logits.max_tokens, split_batches=trainer.split_batches,
                    cuda_graphs=step_graphs.captures if step_graphs else 0,
@@ -927,7 +937,9 @@ elif main_process:
                    train_loss=result.training_loss)
     (Path(OUTPUT_DIR) / "train_results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"saved: adapter and processor in {OUTPUT_DIR} (train loss {result.training_loss:.4f}, "
-          f"{result.metrics['train_runtime']:.0f} s, {results['steady_samples_per_s']:.1f} samples/s)")
+          f"{result.metrics['train_runtime']:.0f} s, {results['steady_samples_per_s']:.1f} samples/s"
+          + (f"; {results['replayed_samples_per_s']:.1f} leaving out the {results['cuda_graphs']} captures, "
+             f"{results['cuda_graph_capture_s']:.1f} s" if results["cuda_graphs"] else "") + ")")
 
 # --- evaluate ------------------------------------------------------------------
 if main_process and val_samples and sharded:
