@@ -35,3 +35,15 @@ def test_profiler_reports_the_steps_of_train_py_as_a_user_runs_it(tmp_path):
     assert "aten::mm" in result.stdout  # the operator table: the LoRA and base matrix products ran under it
     assert "ms per optimizer step" in result.stdout and "reads back from the GPU" in result.stdout
     assert (tmp_path / "output" / "Qwen2-VL-2B-LatexOCR" / "adapter_model.safetensors").is_file()  # train.py finished
+
+
+def test_layer_benchmark_rows_compute_the_same_output(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "layers.py"), "--tiny=true"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    names = [row[0].strip("| ") for row in rows[1:]]
+    assert names == ["the model's own code, with the padding mask", "no attention mask", "+ fused RMSNorm",
+                     "+ LoRA multiply-add", "+ Liger SwiGLU (GPU only)", "no LoRA, the model's own code"]
+    assert all(float(row[1]) > 0 for row in rows[1:])
+    assert [row[3].strip(" |") for row in rows[1:-1]] == ["yes"] * 5  # every fused row computes the first row's output
