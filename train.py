@@ -705,7 +705,8 @@ lora = LoraConfig(task_type="CAUSAL_LM", r=LORA_RANK, lora_alpha=LORA_ALPHA, lor
 transformers.set_seed(SEED)  # here, so that nothing before (building the tiny model, say) shifts the LoRA init
 model = get_peft_model(model, lora)
 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-modeling.fuse_language_model(model, lora=DISTRIBUTED != "zero3")
+# torch.compile fuses the MLP itself (and is not asked to trace Liger's Triton kernel); ZeRO-3: see the function
+fused = modeling.fuse_language_model(model, mlp=not TORCH_COMPILE, lora=DISTRIBUTED != "zero3")
 optimizer_bytes = 2 * 4 * trainable + 2**29  # GPU memory kept free: AdamW's two fp32 moments, and 0.5 GiB of slack
 total = sum(p.numel() for p in model.parameters())
 print(f"model: {MODEL_ID} ({family.name}) from {model_dir}; LoRA r={LORA_RANK} trains {trainable:,} of "
@@ -902,6 +903,8 @@ if step_graphs:  # their memory and the gradient buffers go back before evaluati
     model.zero_grad(set_to_none=True)
     step_graphs.grads.clear()
     step_graphs.release("training is over")
+for module in fused:  # evaluation runs the model's own code, as infer.py does
+    del module.forward
 
 # --- save --------------------------------------------------------------------
 if finished:  # no Trainer ran (nor prepared DeepSpeed or FSDP): the model is the plain one

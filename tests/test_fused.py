@@ -36,7 +36,8 @@ def test_fused_language_model_gives_the_same_outputs_and_gradients(tiny_model_di
     plain, fused = lora_model(tiny_model_dir), lora_model(tiny_model_dir)
     layers = len(fused.get_base_model().model.language_model.layers)
     # per layer the LoRA linears, 2 norms and the MLP; then the final norm
-    assert modeling.fuse_language_model(fused) == layers * (len(TARGETS) + 3) + 1
+    changed = modeling.fuse_language_model(fused)
+    assert len(changed) == layers * (len(TARGETS) + 3) + 1
     embeds = torch.randn(3, 17, fused.get_base_model().config.get_text_config().hidden_size)
     for seed in (1, 2):  # dropout draws the same masks in the same order
         expected, expected_grads = forward_backward(plain, embeds, seed)
@@ -51,6 +52,11 @@ def test_fused_language_model_gives_the_same_outputs_and_gradients(tiny_model_di
         base = plain.get_base_model().model.language_model(inputs_embeds=embeds).last_hidden_state
         torch.testing.assert_close(without, base)
         assert not torch.allclose(without, expected, atol=1e-3)  # the adapter changed the output above
+    for module in changed:  # undone, as train.py does before evaluating: the model's own code again
+        del module.forward
+    assert not any("forward" in vars(module) for module in fused.modules())
+    torch.testing.assert_close(forward_backward(fused, embeds, seed=1)[0], forward_backward(plain, embeds, seed=1)[0],
+                               rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("fuse", [False, True])
