@@ -416,8 +416,7 @@ class StepGraphs:
         return loss.detach()
 
     def fill(self, buffers: dict, inputs, embeds: torch.Tensor, denominator):
-        batch, length = inputs["input_ids"].shape
-        padded = buffers["embeds"].shape[1]
+        length, padded = inputs["input_ids"].shape[1], buffers["embeds"].shape[1]
         buffers["embeds"][:, :length].copy_(embeds)
         buffers["embeds"][:, length:].zero_()
         buffers["position_ids"][..., :length].copy_(inputs["position_ids"])

@@ -56,7 +56,7 @@ def build(row: int, lora: bool = True):
     if lora:
         model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05, target_modules=[
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-        with torch.no_grad():  # B starts at zero, which would hide a wrong adapter output from the loss check
+        with torch.no_grad():  # B starts at zero, which would hide a wrong adapter output from the output check
             for name, parameter in model.named_parameters():
                 if "lora_B" in name:
                     parameter.normal_(0, 0.02)
