@@ -368,8 +368,9 @@ class StepGraphs:
 
     A graph replays fixed shapes at fixed addresses. So each batch is copied into buffers kept for its shape: its
     length padded to a multiple of LENGTH_MULTIPLE (after its own padding, which attention needs no mask for) and
-    its labelled positions to a multiple of ROWS_MULTIPLE (the padded ones carry no target). Loss and gradients
-    stay those of the batch. Outside the graph, eagerly, run what reads sizes back from the GPU (the embedding
+    its labelled positions to a multiple of ROWS_MULTIPLE, or to the rows of a shape of the same batch and length
+    already seen with more of them (the padded ones carry no target). Loss and gradients stay those of the batch.
+    Outside the graph, eagerly, run what reads sizes back from the GPU (the embedding
     lookup, placing the image features, the vision tower when it is not cached) and the optimizer. The gradients
     are added into one buffer per LoRA weight, which the optimizer reads as the weights' .grad.
     A shape seen for the first time is captured, then replayed. The largest is captured before training (capture
@@ -499,7 +500,10 @@ class StepGraphs:
         length = -(-embeds.shape[1] // self.LENGTH_MULTIPLE) * self.LENGTH_MULTIPLE
         rows = -(-max(len(inputs["answer_positions"]), min_rows) // self.ROWS_MULTIPLE) * self.ROWS_MULTIPLE
         shape = (len(embeds), length, rows)
-        if shape not in self.shapes:
+        roomier = [s for s in self.shapes if s[:2] == shape[:2] and s[2] > rows]
+        if shape not in self.shapes and roomier:  # its padded rows cost about 1 ms per 512; a capture, 200 ms
+            shape = min(roomier)
+        elif shape not in self.shapes:
             self.shapes[shape] = [self.new_buffers(length, rows, embeds), None, None]
         entry = self.shapes[shape]
         self.fill(entry[0], inputs, embeds, denominator)
@@ -794,17 +798,20 @@ if CUDA_GRAPHS == "true" and graphs_unfit:
     raise SystemExit(f"--cuda_graphs=true does not work with {graphs_unfit}. Use --cuda_graphs=auto (on where it "
                      "works) or false.")
 step_graphs = None
+answer_rows = sorted((len(a) + 1 for a in answer_tokens["input_ids"][:len(train_samples)]), reverse=True)
 if finished or not (CUDA_GRAPHS == "true" or (CUDA_GRAPHS == "auto" and on_gpu and not graphs_unfit)):
     if on_gpu and not finished:
         print(f"CUDA graphs: off ({graphs_unfit or 'cuda_graphs=false'}); every step launches its kernels one by one")
 elif not on_gpu:
+    # The largest shape first, as on a GPU (below), so that batches of its length run in its padded rows
     step_graphs = StepGraphs(model, answer_logits, capture=False)
+    step_graphs.step(answer_logits(longest_first[:micro_batch]), 1.0, min_rows=sum(answer_rows[:micro_batch]))
+    model.zero_grad(set_to_none=True)
     print("CUDA graphs: no GPU, nothing to capture; the steps run padded, as the graphs would run them")
 else:
     # The largest shape first (the longest samples, room for the most labelled positions a batch can have), for the
     # largest micro-batch whose graphs leave optimizer_bytes free (AdamW's moments are made at the first step).
     # Graphs keep their memory, and padding costs some: that can be a smaller micro-batch than the probe's.
-    answer_rows = sorted((len(a) + 1 for a in answer_tokens["input_ids"][:len(train_samples)]), reverse=True)
     limit = GPU_MEMORY_GIB * 2**30 if GPU_MEMORY_GIB else torch.cuda.get_device_properties(local_device).total_memory
     why_not = ""
     for size in [micro_batch] if MICRO_BATCH_SIZE else [d for d in divisors_down(per_device_batch) if d <= micro_batch]:
