@@ -9,6 +9,7 @@ Writes: output/Qwen2-VL-2B-LatexOCR/infer/predictions.jsonl; with ground truth a
 Run:    python infer.py
         python infer.py --image=formula.png
         python infer.py --adapter=none          (the base model alone, to see what fine-tuning bought)
+        python infer.py --precision=bfloat16    (half the memory; then a prediction can depend on the batch size)
         python infer.py --output_dir=output/Qwen2-VL-2B-LatexOCR-merged   (the model export.py merged)
 """
 
@@ -25,6 +26,7 @@ IMAGE = ""  # image file, folder of images, or conversation JSON; "" = the val J
 RESULTS_DIR = ""  # where predictions go; "" = OUTPUT_DIR/infer (OUTPUT_DIR/infer-base with --adapter=none)
 BATCH_SIZE = 64  # images per generation batch
 MAX_NEW_TOKENS = 256  # generation cap per formula
+PRECISION = "float32"  # float32 (an image's prediction is the same at any batch size) | bfloat16 (half the memory)
 RENDER_FORMULAS = True  # render predictions and references: render_match and pictures in report.html
 DEVICE = "auto"  # auto (CUDA if present) | cuda | cpu
 # -----------------------------------------------------------------------------
@@ -45,6 +47,7 @@ use_adapter = ADAPTER.lower() != "none" and not merged
 adapter_dir = Path(ADAPTER or OUTPUT_DIR)
 results_dir = Path(RESULTS_DIR or Path(OUTPUT_DIR) / ("infer" if use_adapter or merged else "infer-base"))
 device = modeling.default_device() if DEVICE == "auto" else DEVICE
+dtype = modeling.generation_dtype(PRECISION)
 prompt = train_config["prompt"]
 image_sizing = chat.recorded_sizing(train_config)
 
@@ -76,8 +79,9 @@ if use_adapter and not (adapter_dir / "adapter_model.safetensors").is_file():  #
 model, processor = modeling.load_base_model(modeling.resolve_model(model_id), device)
 if use_adapter:
     model = modeling.load_adapter(model, adapter_dir, model_id)
+model = modeling.generation_model(model, dtype)
 print(f"model: {model_id}" + (f" + adapter {adapter_dir}" if use_adapter else " (adapter merged in)" if merged
-                              else " (no adapter)") + f" on {device}")
+                              else " (no adapter)") + f" on {device}, in {PRECISION}")
 
 # --- predict -----------------------------------------------------------------
 if has_references:

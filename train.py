@@ -65,6 +65,7 @@ SWANLAB_EXPERIMENT = "qwen2-vl-2b-lora"
 MAX_LENGTH = 2048  # tokens per sample (image + prompt + answer); longer samples stop the run before it starts
 EVAL_BATCH_SIZE = 64  # images per generation batch
 EVAL_MAX_NEW_TOKENS = 256  # generation cap per formula (real formulas: p95 ~112 tokens)
+EVAL_PRECISION = "float32"  # float32 (as infer.py: a prediction does not depend on the batch size) | bfloat16
 # -----------------------------------------------------------------------------
 config = apply_overrides(globals())
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation, more fits
@@ -112,6 +113,7 @@ if MAX_TOKENS_PER_FORWARD and (world_size > 1 or MICRO_BATCH_SIZE):
     raise SystemExit("--max_tokens_per_forward splits batches of one process that runs them whole otherwise: not with "
                      "several processes (each must run as many forward passes as the others) nor with "
                      "--micro_batch_size. Use one of the two.")
+eval_dtype = modeling.generation_dtype(EVAL_PRECISION)
 if DISTRIBUTED not in ("ddp", "zero2", "zero3", "fsdp"):
     raise SystemExit(f"--distributed={DISTRIBUTED}: expected ddp, zero2, zero3 or fsdp.")
 if DISTRIBUTED.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
@@ -370,9 +372,9 @@ class StepGraphs:
     length padded to a multiple of LENGTH_MULTIPLE (after its own padding, which attention needs no mask for) and
     its labelled positions to a multiple of ROWS_MULTIPLE, or to the rows of a shape of the same batch and length
     already seen with more of them (the padded ones carry no target). Loss and gradients stay those of the batch.
-    Outside the graph, eagerly, run what reads sizes back from the GPU (the embedding
-    lookup, placing the image features, the vision tower when it is not cached) and the optimizer. The gradients
-    are added into one buffer per LoRA weight, which the optimizer reads as the weights' .grad.
+    Outside the graph, eagerly, run what reads sizes back from the GPU (the embedding lookup, placing the image
+    features, the vision tower when it is not cached) and the optimizer. The gradients are added into one buffer
+    per LoRA weight, which the optimizer reads as the weights' .grad.
     A shape seen for the first time is captured, then replayed. The largest is captured before training (capture
     first): its memory, freed inside the graphs' shared pool, then holds every smaller shape's graph.
     Without a GPU nothing is captured and the same padded steps run directly, which is how the tests check them."""
@@ -955,6 +957,7 @@ if main_process and val_samples and sharded:
     print(f"eval: skipped, with --distributed={DISTRIBUTED} no process holds the whole model; "
           f"score the adapter with: python infer.py --output_dir={OUTPUT_DIR}")
 elif main_process and val_samples:
+    model = modeling.generation_model(model, eval_dtype)  # the adapter is saved: merging it in changes no file
     model.config.use_cache = True
     with torch.compiler.set_stance("force_eager"):  # generation's growing shapes would only recompile
         metrics = evaluate.evaluate(model, processor, val_samples, PROMPT, image_sizing,

@@ -6,7 +6,8 @@ formulas. Rows: the tutorial recipe; train.py at the tutorial's image size (the 
 train.py with its own defaults; the same with --torch_compile=true; the defaults capped to 24 and
 12 GiB of GPU memory. A short train.py run goes first, unmeasured: on a freshly started machine the first
 training process ran at half speed, whichever it was. Then generation: the tutorial's one-image loop
-against infer.py's batched path, same images, same token cap.
+against infer.py's batched path in fp32 (its default) and in bf16, same images, same token cap, and the
+batch's output against that of the same images one at a time.
 
 Reads:  ../shared/data/latex_ocr_val_formulas.txt when present (else synthetic formulas)
 Writes: bench_results/bench.json (every number below) and bench_results/bench.md (the table)
@@ -31,6 +32,7 @@ TUTORIAL_STEPS = 10  # optimizer steps timed for the tutorial (its 2 epochs are 
 OUR_STEPS = 0  # optimizer steps run for each train.py row; 0 = all of its 2 epochs, measured whole
 EVAL_IMAGES = 64  # images for infer.py's batched generation
 TUTORIAL_EVAL_IMAGES = 4  # images for the tutorial's one-at-a-time loop (its speed per image is steady)
+COMPARED_IMAGES = 8  # of infer.py's batch, generated again one at a time, to compare with the batch's output
 EVAL_MAX_NEW_TOKENS = 64  # token cap for both; random weights never stop early, so every image uses it all
 FORMULAS_PATH = str(ROOT.parent / "shared" / "data" / "latex_ocr_val_formulas.txt")
 RESULTS_DIR = "bench_results"
@@ -98,6 +100,7 @@ if not on_gpu and not TINY:
     raise SystemExit("No CUDA GPU: run on a GPU, or use --tiny=true for a CPU smoke run of this script.")
 if TINY:
     SAMPLES, TUTORIAL_STEPS, OUR_STEPS, EVAL_IMAGES, TUTORIAL_EVAL_IMAGES, EVAL_MAX_NEW_TOKENS = 48, 2, 2, 4, 2, 4
+    COMPARED_IMAGES = 4
     EPOCH_STEPS = 2 * -(-SAMPLES // 16)
 results_path = results_dir / "bench.json"
 results = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -196,15 +199,24 @@ if "eval" in runs:
     ours_model = PeftModel.from_pretrained(model, adapter) if (adapter / "adapter_model.safetensors").is_file() \
         else get_peft_model(model, lora)
     sizing = chat.sizing()
-    modeling.predict(ours_model, processor, images[:8], chat.PROMPT, sizing, 8, 4, show_progress=False)  # warm-up
-    start = time.perf_counter()
-    batched = modeling.predict(ours_model, processor, images, chat.PROMPT, sizing, EVAL_IMAGES, EVAL_MAX_NEW_TOKENS)
-    ours_s = time.perf_counter() - start
-    one_by_one = [modeling.predict(ours_model, processor, [image], chat.PROMPT, sizing, 1, EVAL_MAX_NEW_TOKENS,
-                                   show_progress=False)[0] for image in images[:4]]
-    results["eval"] = dict(tutorial_images_per_s=TUTORIAL_EVAL_IMAGES / tutorial_s,
-                           ours_images_per_s=EVAL_IMAGES / ours_s, max_new_tokens=EVAL_MAX_NEW_TOKENS,
-                           ours_batch_size=EVAL_IMAGES, batched_equals_one_by_one=batched[:4] == one_by_one)
+    results["eval"] = dict(tutorial_images_per_s=TUTORIAL_EVAL_IMAGES / tutorial_s, max_new_tokens=EVAL_MAX_NEW_TOKENS,
+                           ours_batch_size=EVAL_IMAGES, compared_images=COMPARED_IMAGES)
+    # infer.py's default (fp32: the same output at any batch size), then the same merged weights in bf16
+    ours_model = modeling.generation_model(ours_model, torch.float32)
+    for precision in ("float32", "bfloat16"):
+        ours_model.to(modeling.PRECISIONS[precision])
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        modeling.predict(ours_model, processor, images[:8], chat.PROMPT, sizing, 8, 4, show_progress=False)  # warm-up
+        start = time.perf_counter()
+        batched = modeling.predict(ours_model, processor, images, chat.PROMPT, sizing, EVAL_IMAGES,
+                                   EVAL_MAX_NEW_TOKENS)
+        ours_s = time.perf_counter() - start
+        one_by_one = [modeling.predict(ours_model, processor, [image], chat.PROMPT, sizing, 1, EVAL_MAX_NEW_TOKENS,
+                                       show_progress=False)[0] for image in images[:COMPARED_IMAGES]]
+        results["eval"][precision] = dict(images_per_s=EVAL_IMAGES / ours_s, peak_allocated_gib=(
+            torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0), equal_to_one_by_one=sum(
+            a == b for a, b in zip(batched, one_by_one)))
     results_path.write_text(json.dumps(results, indent=1) + "\n")
 
 # --- summary -----------------------------------------------------------------
@@ -240,9 +252,13 @@ for name in ("tutorial", "ours_tutorial_size", "ours", "ours_compiled", "ours_24
 if "eval" in results:
     e = results["eval"]
     lines += ["", f"generation, {e['max_new_tokens']} new tokens: tutorial one image at a time "
-              f"{e['tutorial_images_per_s']:.3f} images/s; infer.py batch {e['ours_batch_size']} "
-              f"{e['ours_images_per_s']:.2f} images/s ({e['ours_images_per_s'] / e['tutorial_images_per_s']:.0f}x); "
-              f"batched output equals batch size 1: {e['batched_equals_one_by_one']}"]
+              f"{e['tutorial_images_per_s']:.3f} images/s"]
+    for precision in ("float32", "bfloat16"):
+        r = e[precision]
+        ratio = r["images_per_s"] / e["tutorial_images_per_s"]
+        lines.append(f"infer.py in {precision}, batch {e['ours_batch_size']}: {r['images_per_s']:.2f} images/s "
+                     f"({ratio:.0f}x), peak {r['peak_allocated_gib']:.1f} GiB; "
+                     f"equal to batch size 1 for {r['equal_to_one_by_one']} of {e['compared_images']} images")
 table = "\n".join(lines)
 (results_dir / "bench.md").write_text(table + "\n")
 print(table)

@@ -1,5 +1,6 @@
 """Finding, loading and running the model: the same code for train.py and infer.py."""
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -138,8 +139,39 @@ def load_adapter(model, adapter_dir: Path, model_id: str):
                          f"Pass that base model as --model_id ({str(e).splitlines()[0][:200]}).") from None
 
 
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def generation_dtype(precision: str) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise SystemExit(f"precision {precision}: expected {' or '.join(PRECISIONS)}.")
+    return PRECISIONS[precision]
+
+
+def generation_model(model, dtype: torch.dtype):
+    """The model as predict() should run it: in `dtype`, and with a LoRA adapter merged into the weights it adapts
+    (W + alpha / r * B @ A once, instead of two more matrix products per adapted layer at every generated token).
+
+    float32 gives an image the same prediction at any batch size. In bf16 a batch of another size runs other kernels,
+    which round differently, and where two tokens score almost alike the greedy choice can flip."""
+    model = model.to(dtype)  # before merging, so that an fp32 merge adds the adapter's product unrounded
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+@contextlib.contextmanager
+def full_precision_float32():
+    """fp32 matrix products and convolutions in full precision, not TF32's 10-bit mantissa (train.py trains with it)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @torch.inference_mode()
 @fast_attention()  # scoped to generation: a benchmark runs the tutorial's own code in the same process
+@full_precision_float32()
 def predict(model, processor, images: list, prompt: str, image_sizing: dict,
             batch_size: int = 16, max_new_tokens: int = 256, show_progress: bool = True) -> list[str]:
     """Greedy LaTeX for each image (path or PIL image), batched with left padding, stopping at <|im_end|>."""

@@ -66,6 +66,7 @@ def test_infer_predicts_the_val_set_by_default(demo):
     assert [p["reference"] for p in predictions] == [s.text for s in val]
     assert all(isinstance(p["prediction"], str) for p in predictions)
     assert outputs["infer"].stdout.count("predicted:") == len(val)
+    assert "on cpu, in float32" in outputs["infer"].stdout  # the adapter merged in, fp32: as train.py's evaluation
     assert "exact_match" in outputs["infer"].stdout
     metrics = json.loads((folder / ADAPTER_DIR / "infer" / "metrics.json").read_text())
     assert metrics["n"] == len(val) and metrics["renderer"] in ("latex", "mathtext")

@@ -31,3 +31,40 @@ def test_batched_generation_equals_one_image_at_a_time(opinionated_model):
     single = [modeling.predict(model, processor, [image], batch_size=1, **settings)[0] for image in images]
     assert batched == single
     assert len(set(single)) > 1  # the outputs depend on the image, so equality means something
+
+
+def test_generation_runs_the_adapter_merged_into_the_weights(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    model, processor = modeling.load_base_model(tiny_model_dir, "cpu")
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # as a trained adapter: B is no longer zero
+                parameter.normal_(0, 0.5, generator=generator)
+    images = [image for image, _ in itertools.islice(synthetic_samples(3, seed=2), 3)]
+    inputs = chat.encode_prompts(processor, [chat.load_image(image, chat.sizing()) for image in images], chat.PROMPT)
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+        with model.disable_adapter():
+            base = model(**inputs).logits
+    merged = modeling.generation_model(model, torch.float32)
+    assert not [name for name, _ in merged.named_parameters() if "lora" in name]
+    with torch.no_grad():
+        assert torch.allclose(merged(**inputs).logits, adapted, atol=1e-4, rtol=0)
+    assert (base - adapted).abs().max() > 1e-2  # so the match is the adapter's, not the base model's
+    assert next(modeling.generation_model(merged, torch.bfloat16).parameters()).dtype == torch.bfloat16
+
+
+def test_generation_precision_is_checked_and_tf32_is_off_only_while_predicting():
+    with pytest.raises(SystemExit, match="precision half: expected float32 or bfloat16"):
+        modeling.generation_dtype("half")
+    assert modeling.generation_dtype("bfloat16") == torch.bfloat16
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # as train.py sets it for training
+    try:
+        with modeling.full_precision_float32():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
