@@ -148,16 +148,6 @@ def generation_dtype(precision: str) -> torch.dtype:
     return PRECISIONS[precision]
 
 
-def generation_model(model, dtype: torch.dtype):
-    """The model as predict() should run it: in `dtype`, and with a LoRA adapter merged into the weights it adapts
-    (W + alpha / r * B @ A once, instead of two more matrix products per adapted layer at every generated token).
-
-    float32 gives an image the same prediction at any batch size. In bf16 a batch of another size runs other kernels,
-    which round differently, and where two tokens score almost alike the greedy choice can flip."""
-    model = model.to(dtype)  # before merging, so that an fp32 merge adds the adapter's product unrounded
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-
-
 @contextlib.contextmanager
 def full_precision_float32():
     """fp32 matrix products and convolutions in full precision, not TF32's 10-bit mantissa (train.py trains with it)."""
@@ -167,6 +157,19 @@ def full_precision_float32():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def generation_model(model, dtype: torch.dtype):
+    """The model as predict() should run it: in `dtype`, and with a LoRA adapter merged into the weights it adapts
+    (W + alpha / r * B @ A once, instead of two more matrix products per adapted layer at every generated token).
+
+    float32 gives an image the same prediction at any batch size. In bf16 a batch of another size runs other kernels,
+    which round differently, and where two tokens score almost alike the greedy choice can flip."""
+    model = model.to(dtype)  # before merging, so that an fp32 merge adds the adapter's product unrounded
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    with full_precision_float32():  # B @ A too: train.py trains with TF32 on, infer.py's merge must give the same W
+        return model.merge_and_unload()
 
 
 @torch.inference_mode()

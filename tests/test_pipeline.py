@@ -101,7 +101,7 @@ def test_learning_the_pipeline_can_overfit_eight_formulas_exactly(model_id, tmp_
     # Formulas of up to 60 characters (a third of a real one): enough for a 64-wide model in 300 steps.
     rows = [(image, text) for _, image, text in read_csv(tmp_path / "latex_ocr_train.csv") if len(text) <= 60]
     write_conversations(tmp_path / "eight.json", rows[:8])
-    run_script("train.py", f"--model_id={model_id}", "--train_json_path=eight.json", "--val_json_path=",
+    run_script("train.py", f"--model_id={model_id}", "--train_json_path=eight.json", "--val_json_path=eight.json",
                "--batch_size=8", "--max_steps=300", "--learning_rate=3e-3",
                "--lr_scheduler_type=constant", "--logging_steps=50", "--save_steps=1000", "--swanlab_mode=disabled",
                "--num_workers=0", cwd=tmp_path)
@@ -109,3 +109,6 @@ def test_learning_the_pipeline_can_overfit_eight_formulas_exactly(model_id, tmp_
     predictions = [json.loads(line) for line in (tmp_path / ADAPTER_DIR / "infer" / "predictions.jsonl").open()]
     wrong = [(p["prediction"], p["reference"]) for p in predictions if p["prediction"] != p["reference"]]
     assert len(predictions) == 8 and not wrong, result.stdout
+    # train.py's own evaluation, in the same process that trained, predicts what infer.py does
+    evaluated = [json.loads(line) for line in (tmp_path / ADAPTER_DIR / "eval" / "predictions.jsonl").open()]
+    assert [p["prediction"] for p in evaluated] == [p["prediction"] for p in predictions]

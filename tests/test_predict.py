@@ -56,15 +56,24 @@ def test_generation_runs_the_adapter_merged_into_the_weights(tiny_model_dir):
     assert next(modeling.generation_model(merged, torch.bfloat16).parameters()).dtype == torch.bfloat16
 
 
-def test_generation_precision_is_checked_and_tf32_is_off_only_while_predicting():
+def test_generation_precision_is_checked_and_tf32_is_off_while_merging_and_predicting(tiny_model_dir, monkeypatch):
+    """train.py trains with TF32 on; its evaluation must merge and predict as infer.py does, in full fp32."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraModel
     with pytest.raises(SystemExit, match="precision half: expected float32 or bfloat16"):
         modeling.generation_dtype("half")
     assert modeling.generation_dtype("bfloat16") == torch.bfloat16
+    merge, tf32_while_merging = LoraModel.merge_and_unload, []
+    monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, *args, **kwargs: tf32_while_merging.append(
+        torch.backends.cuda.matmul.allow_tf32) or merge(self, *args, **kwargs))
+    model = get_peft_model(modeling.load_base_model(tiny_model_dir, "cpu")[0], LoraConfig(target_modules=["q_proj"]))
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True  # as train.py sets it for training
     try:
         with modeling.full_precision_float32():
             assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         assert torch.backends.cuda.matmul.allow_tf32
+        modeling.generation_model(model, torch.float32)
+        assert tf32_while_merging == [False] and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
