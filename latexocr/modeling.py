@@ -165,11 +165,14 @@ def generation_model(model, dtype: torch.dtype):
 
     float32 gives an image the same prediction at any batch size. In bf16 a batch of another size runs other kernels,
     which round differently, and where two tokens score almost alike the greedy choice can flip."""
-    model = model.to(dtype)  # before merging, so that an fp32 merge adds the adapter's product unrounded
-    if not hasattr(model, "merge_and_unload"):
-        return model
-    with full_precision_float32():  # B @ A too: train.py trains with TF32 on, infer.py's merge must give the same W
-        return model.merge_and_unload()
+    if dtype == torch.float32:
+        model = model.to(dtype)  # a bf16 base in fp32 before merging, so that the sum W + B @ A is not rounded
+    if hasattr(model, "merge_and_unload"):
+        # B @ A in the adapter's own fp32, and the sum rounded once to the base's dtype; with TF32 off, as train.py
+        # trains with it on, and infer.py's merge must give the same W
+        with full_precision_float32():
+            model = model.merge_and_unload()
+    return model.to(dtype)
 
 
 @torch.inference_mode()

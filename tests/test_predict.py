@@ -56,6 +56,25 @@ def test_generation_runs_the_adapter_merged_into_the_weights(tiny_model_dir):
     assert next(modeling.generation_model(merged, torch.bfloat16).parameters()).dtype == torch.bfloat16
 
 
+def test_bf16_generation_merges_the_adapter_before_rounding(tiny_model_dir):
+    """--precision=bfloat16 gives the fp32 merge's weights, rounded once: the adapter's product is not rounded first."""
+    from peft import LoraConfig, get_peft_model
+    models = []
+    for _ in range(2):
+        model = modeling.load_base_model(tiny_model_dir, "cpu")[0].to(torch.bfloat16)  # as loaded on a GPU
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"]))
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_" in name:  # fp32, as peft keeps an adapter on a bf16 base; B no longer zero
+                    parameter.data = torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1))
+        models.append(model)
+    halved = modeling.generation_model(models[0], torch.bfloat16).state_dict()
+    merged_in_fp32 = modeling.generation_model(models[1], torch.float32).state_dict()
+    rounded = {k: v.to(torch.bfloat16) for k, v in merged_in_fp32.items()}
+    assert halved.keys() == rounded.keys() and all(torch.equal(halved[k], rounded[k]) for k in halved)
+
+
 def test_generation_precision_is_checked_and_tf32_is_off_while_merging_and_predicting(tiny_model_dir, monkeypatch):
     """train.py trains with TF32 on; its evaluation must merge and predict as infer.py does, in full fp32."""
     from peft import LoraConfig, get_peft_model
