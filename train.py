@@ -502,11 +502,12 @@ class StepGraphs:
         length = -(-embeds.shape[1] // self.LENGTH_MULTIPLE) * self.LENGTH_MULTIPLE
         rows = -(-max(len(inputs["answer_positions"]), min_rows) // self.ROWS_MULTIPLE) * self.ROWS_MULTIPLE
         shape = (len(embeds), length, rows)
-        roomier = [s for s in self.shapes if s[:2] == shape[:2] and s[2] > rows]
-        if shape not in self.shapes and roomier:  # its padded rows cost about 1 ms per 512; a capture, 200 ms
-            shape = min(roomier)
-        elif shape not in self.shapes:
-            self.shapes[shape] = [self.new_buffers(length, rows, embeds), None, None]
+        if shape not in self.shapes:
+            roomier = [s for s in self.shapes if s[:2] == shape[:2] and s[2] > rows]
+            if roomier:  # its padded rows cost about 1 ms per 512; a capture, 200 ms
+                shape = min(roomier)
+            else:
+                self.shapes[shape] = [self.new_buffers(length, rows, embeds), None, None]
         entry = self.shapes[shape]
         self.fill(entry[0], inputs, embeds, denominator)
         if self.capture and entry[1] is None:
