@@ -16,6 +16,7 @@ Run:    python infer.py
 import json
 from pathlib import Path
 
+from latexocr import settings
 from latexocr.config import apply_overrides
 
 # -----------------------------------------------------------------------------
@@ -30,26 +31,16 @@ PRECISION = "float32"  # float32 (an image's prediction is the same at any batch
 RENDER_FORMULAS = True  # render predictions and references: render_match and pictures in report.html
 DEVICE = "auto"  # auto (CUDA if present) | cuda | cpu
 # -----------------------------------------------------------------------------
-config = apply_overrides(globals())
+config = apply_overrides(globals(), rules=settings.INFER)
 
 # --- setup -------------------------------------------------------------------
-from latexocr import chat, evaluate, modeling  # noqa: E402
+from latexocr import evaluate, predictor  # noqa: E402
 from latexocr.data import Sample, atomic_write_text, read_conversations  # noqa: E402
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-config_path = Path(OUTPUT_DIR) / "train_config.json"
-if not config_path.is_file():
-    raise SystemExit(f"{config_path} not found: {OUTPUT_DIR} is not a folder written by train.py or export.py. "
-                     "Train first, or pass --output_dir=<train.py's output_dir>.")
-train_config = json.loads(config_path.read_text())
-merged = (Path(OUTPUT_DIR) / "config.json").is_file()  # export.py's folder: the model, its adapter merged in
-use_adapter = ADAPTER.lower() != "none" and not merged
-adapter_dir = Path(ADAPTER or OUTPUT_DIR)
-results_dir = Path(RESULTS_DIR or Path(OUTPUT_DIR) / ("infer" if use_adapter or merged else "infer-base"))
-device = modeling.default_device() if DEVICE == "auto" else DEVICE
-dtype = modeling.generation_dtype(PRECISION)
-prompt = train_config["prompt"]
-image_sizing = chat.recorded_sizing(train_config)
+train_config = predictor.read_train_config(OUTPUT_DIR)
+base_only = ADAPTER.lower() == "none" and not predictor.holds_whole_model(OUTPUT_DIR)
+results_dir = Path(RESULTS_DIR or Path(OUTPUT_DIR) / ("infer-base" if base_only else "infer"))
 
 # --- data --------------------------------------------------------------------
 if not (IMAGE or train_config["val_json_path"]):
@@ -72,24 +63,15 @@ has_references = all(s.text for s in samples)
 print(f"data: {len(samples)} image(s) from {source}" + (" with ground truth" if has_references else ""))
 
 # --- model -------------------------------------------------------------------
-model_id = MODEL_ID or (OUTPUT_DIR if merged else train_config["model_id"])
-if use_adapter and not (adapter_dir / "adapter_model.safetensors").is_file():  # checked before minutes of loading
-    raise SystemExit(f"{adapter_dir}: no adapter_model.safetensors. Train first, or pass --adapter=<folder> "
-                     "(--adapter=none predicts with the base model alone).")
-model, processor = modeling.load_base_model(modeling.resolve_model(model_id), device)
-if use_adapter:
-    model = modeling.load_adapter(model, adapter_dir, model_id)
-model = modeling.generation_model(model, dtype)
-print(f"model: {model_id}" + (f" + adapter {adapter_dir}" if use_adapter else " (adapter merged in)" if merged
-                              else " (no adapter)") + f" on {device}, in {PRECISION}")
+run = predictor.load(OUTPUT_DIR, ADAPTER, MODEL_ID, PRECISION, DEVICE)
+print(f"model: {run.description}")
 
 # --- predict -----------------------------------------------------------------
 if has_references:
-    evaluate.evaluate(model, processor, samples, prompt, image_sizing, results_dir, BATCH_SIZE,
+    evaluate.evaluate(run.model, run.processor, samples, run.prompt, run.image_sizing, results_dir, BATCH_SIZE,
                       MAX_NEW_TOKENS, render_formulas=RENDER_FORMULAS)
 else:
-    predictions = modeling.predict(model, processor, [s.image for s in samples], prompt, image_sizing,
-                                   BATCH_SIZE, MAX_NEW_TOKENS)
+    predictions = run.predict([s.image for s in samples], BATCH_SIZE, MAX_NEW_TOKENS)
     for sample, prediction in zip(samples, predictions):
         print(f"{sample.image}: {prediction}")
     atomic_write_text(results_dir / "predictions.jsonl",

@@ -36,10 +36,11 @@ def config_keys(namespace: dict) -> list[str]:
             if k.isupper() and not k.startswith("_") and isinstance(v, (str, int, float, bool))]
 
 
-def apply_overrides(namespace: dict, argv: list[str] | None = None) -> dict:
+def apply_overrides(namespace: dict, argv: list[str] | None = None, rules: dict | None = None) -> dict:
     """Apply `--name=value` arguments to the script's constants in place; return the resolved config.
 
-    Call it right after the configuration block, with `globals()`.
+    Call it right after the configuration block, with `globals()`. `rules` (settings.py) maps a setting's lower-case
+    name to a check of its value, applied to defaults and overrides alike; what a check returns is the value kept.
     """
     argv = sys.argv[1:] if argv is None else argv
     keys = config_keys(namespace)
@@ -57,4 +58,6 @@ def apply_overrides(namespace: dict, argv: list[str] | None = None) -> dict:
             valid = ", ".join(k.lower() for k in keys)
             raise SystemExit(f"unknown setting --{name}. Valid settings: {valid}")
         namespace[key] = _parse(name, text, namespace[key])
+    for name, rule in (rules or {}).items():
+        namespace[name.upper()] = rule(name, namespace[name.upper()])
     return {k.lower(): namespace[k] for k in keys}

@@ -4,6 +4,7 @@ Paths inside both are stored relative to the file that lists them, so a data fol
 """
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -35,6 +36,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sha256(path: str | Path) -> str:
+    """The file's content as a short fingerprint: the same data under another name is the same data."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def relative_to_file(path: Path, listing_file: Path) -> str:

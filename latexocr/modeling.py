@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,80 +60,43 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_base_model(model_dir: Path, device: str, place: bool = True):
-    """The base model in bf16 for a GPU (fp32 for a CPU) and its processor. No remote code is ever run.
+def load_processor(model_dir: Path):
+    from transformers import AutoProcessor
+    return AutoProcessor.from_pretrained(model_dir)
 
-    place=False leaves the weights on the CPU for a Trainer to move (to each process's own GPU).
+
+def load_base_model(model_dir: Path, device: str, place: bool = True, processor=None, dtype: torch.dtype | None = None):
+    """The model in bf16 for a GPU (fp32 for a CPU, or `dtype`) and its processor (loaded unless given). No remote
+    code is ever run.
+
+    place=False leaves the weights on the CPU for a Trainer to move (to each process's own GPU). Returns
+    (model, processor), or the model alone when the processor was given.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
     if not list(Path(model_dir).glob("*.safetensors")):
         raise SystemExit(f"{model_dir} has no *.safetensors weights. Pickled weights (.bin, .pt) are never loaded: "
                          "they can run code. Convert them to safetensors, or download a safetensors release.")
     families.detect(model_dir)  # a model of another kind stops here, with the kinds that work
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
-    processor = AutoProcessor.from_pretrained(model_dir)
-    return (model.to(device) if place else model), processor
+    model = model.to(device) if place else model
+    return model if processor is not None else (model, load_processor(model_dir))
 
 
-def rms_norm(norm, hidden: torch.Tensor) -> torch.Tensor:
-    """The Qwen models' RMSNorm in one fused kernel: weight * x / sqrt(mean(x^2) + eps), computed in fp32 and rounded
-    once to x's dtype (the model's own code rounds the normalised x, then the product)."""
-    if norm.weight.dtype != hidden.dtype:  # the model's code returns the weight's dtype then
-        return type(norm).forward(norm, hidden)
-    return torch.nn.functional.rms_norm(hidden, (hidden.shape[-1],), norm.weight, norm.variance_epsilon)
-
-
-def lora_linear(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft's LoRA linear, base(x) + B(A(dropout(x))) * scaling, with the last product, its scaling and the sum in one
-    matrix multiply-add. As in training with peft's input casting off, autocast decides the adapter's dtype; without
-    autocast, an input of another dtype than the adapter's takes peft's own path (which casts it)."""
-    b = layer.lora_B["default"].weight
-    if layer.disable_adapters or layer.merged or layer.active_adapters != ["default"] or \
-            (x.dtype != b.dtype and not torch.is_autocast_enabled(x.device.type)):
-        return type(layer).forward(layer, x, *args, **kwargs)
-    out = layer.base_layer(x, *args, **kwargs)
-    down = layer.lora_A["default"](layer.lora_dropout["default"](x))
-    return torch.addmm(out.reshape(-1, out.shape[-1]), down.reshape(-1, down.shape[-1]), b.t(),
-                       alpha=layer.scaling["default"]).view(out.shape)
-
-
-def swiglu_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
-    """The MLP, down(silu(gate(x)) * up(x)), with silu and the product in one Liger kernel on a GPU (Triton)."""
-    if not x.is_cuda:
-        return type(mlp).forward(mlp, x)
-    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-    return mlp.down_proj(LigerSiLUMulFunction.apply(mlp.gate_proj(x), mlp.up_proj(x)))
-
-
-def fuse_language_model(model, norms: bool = True, mlp: bool = True, lora: bool = True) -> list:
-    """Make the language model's RMSNorms, MLPs and plain LoRA linears of `model` (a peft model) run fewer, fused
-    kernels, with the same math: on a GPU the norms alone took 11% of a training step. lora=False under DeepSpeed
-    ZeRO-3: it gathers a weight when its module is called, and B's weight is used directly. Returns the modules
-    changed; `del module.forward` gives each its own forward back."""
-    from peft.tuners.lora import Linear as LoraLinear
-    from transformers.activations import SiLUActivation
-    changed = []
-    for module in model.get_base_model().model.language_model.modules():
-        if mlp and all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj")) and \
-                isinstance(getattr(module, "act_fn", None), (SiLUActivation, torch.nn.SiLU)):
-            module.forward = swiglu_mlp.__get__(module)
-        elif lora and isinstance(module, LoraLinear) and "default" in module.lora_A \
-                and "default" not in module.lora_variant and not module.lora_bias.get("default"):  # no DoRA, no bias
-            module.forward = lora_linear.__get__(module)
-        elif norms and type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
-            module.forward = rms_norm.__get__(module)
-        else:
-            continue
-        changed.append(module)
-    return changed
+@contextlib.contextmanager
+def peft_quietly():
+    """peft 0.21 wraps a model reading transformers' deprecated is_gradient_checkpointing: a warning that is not ours."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def load_adapter(model, adapter_dir: Path, model_id: str):
     """The base model with train.py's LoRA adapter; an adapter of another base model ends the run with a message."""
     from peft import PeftModel
     try:
-        return PeftModel.from_pretrained(model, adapter_dir)
+        with peft_quietly():
+            return PeftModel.from_pretrained(model, adapter_dir)
     except (RuntimeError, ValueError) as e:  # shape mismatches: the adapter belongs to another base model
         trained_on = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
         raise SystemExit(f"the adapter in {adapter_dir} does not fit {model_id}: it was trained on {trained_on}. "
@@ -172,6 +136,7 @@ def generation_model(model, dtype: torch.dtype):
         # trains with it on, and infer.py's merge must give the same W
         with full_precision_float32():
             model = model.merge_and_unload()
+    model.config.use_cache = True  # training may have turned it off (activation checkpointing)
     return model.to(dtype)
 
 

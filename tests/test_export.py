@@ -90,7 +90,7 @@ def test_merged_model_predicts_like_base_model_plus_adapter(exported, tiny_model
 
     result = run_script("infer.py", f"--output_dir={MERGED_DIR}", "--image=latex_ocr_val.json",
                         f"--max_new_tokens={MAX_NEW_TOKENS}", "--render_formulas=false", cwd=folder)
-    assert "(adapter merged in)" in result.stdout
+    assert "(whole model)" in result.stdout
     predictions = [json.loads(line) for line in (folder / MERGED_DIR / "infer" / "predictions.jsonl").open()]
     assert [p["prediction"] for p in predictions] == expected
 

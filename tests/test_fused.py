@@ -1,5 +1,5 @@
-"""The training step's fused kernels (modeling.fuse_language_model) and its unmasked attention compute what the model's
-own code computes."""
+"""The training step's fused kernels (engine/kernels.py) and its unmasked attention compute what the model's own code
+computes."""
 
 import pytest
 import torch
@@ -7,6 +7,7 @@ from peft import LoraConfig, get_peft_model
 from peft.helpers import disable_input_dtype_casting
 
 from latexocr import modeling
+from latexocr.engine import kernels
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -35,9 +36,8 @@ def forward_backward(model, embeds, seed: int):
 def test_fused_language_model_gives_the_same_outputs_and_gradients(tiny_model_dir):
     plain, fused = lora_model(tiny_model_dir), lora_model(tiny_model_dir)
     layers = len(fused.get_base_model().model.language_model.layers)
-    # per layer the LoRA linears, 2 norms and the MLP; then the final norm
-    changed = modeling.fuse_language_model(fused)
-    assert len(changed) == layers * (len(TARGETS) + 3) + 1
+    changed = kernels.fuse(fused, on_gpu=False)  # on a CPU: LoRA's multiply-add (Liger's kernels need a GPU)
+    assert len(changed) == layers * len(TARGETS)
     embeds = torch.randn(3, 17, fused.get_base_model().config.get_text_config().hidden_size)
     for seed in (1, 2):  # dropout draws the same masks in the same order
         expected, expected_grads = forward_backward(plain, embeds, seed)
@@ -52,8 +52,7 @@ def test_fused_language_model_gives_the_same_outputs_and_gradients(tiny_model_di
         base = plain.get_base_model().model.language_model(inputs_embeds=embeds).last_hidden_state
         torch.testing.assert_close(without, base)
         assert not torch.allclose(without, expected, atol=1e-3)  # the adapter changed the output above
-    for module in changed:  # undone, as train.py does before evaluating: the model's own code again
-        del module.forward
+    kernels.unfuse(changed)  # undone, as train.py does before evaluating: the model's own code again
     assert not any("forward" in vars(module) for module in fused.modules())
     torch.testing.assert_close(forward_backward(fused, embeds, seed=1)[0], forward_backward(plain, embeds, seed=1)[0],
                                rtol=0, atol=0)
@@ -65,7 +64,7 @@ def test_right_padding_needs_no_attention_mask(tiny_model_dir, fuse):
     padding, so their hidden states are those of the masked batch."""
     model = lora_model(tiny_model_dir).eval()
     if fuse:
-        modeling.fuse_language_model(model)
+        kernels.fuse(model, on_gpu=False)
     language_model = model.get_base_model().model.language_model
     embeds = torch.randn(2, 12, model.get_base_model().config.get_text_config().hidden_size)
     mask = torch.ones(2, 12, dtype=torch.long)
@@ -81,12 +80,15 @@ def test_right_padding_needs_no_attention_mask(tiny_model_dir, fuse):
     assert not torch.allclose(language_model(inputs_embeds=left).last_hidden_state[0, 5:], shorter[0], atol=1e-3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Liger SwiGLU kernel and bf16 autocast need a CUDA GPU")
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels and bf16 autocast need a CUDA GPU")
 def test_fused_language_model_on_a_gpu(tiny_model_dir):
-    """On a GPU in bf16 (the MLP then runs Liger's kernel): outputs and gradients as the model's own, within bf16's
-    rounding."""
+    """On a GPU in bf16 (norms and MLP through Liger's API): outputs and gradients as the model's own, within bf16's
+    rounding; unfused, the model's own code again, and a model built afterwards is untouched."""
     plain, fused = lora_model(tiny_model_dir).cuda(), lora_model(tiny_model_dir).cuda()
-    modeling.fuse_language_model(fused)
+    changed = kernels.fuse(fused, on_gpu=True)
+    layers = len(fused.get_base_model().model.language_model.layers)
+    assert len(changed) == layers * (len(TARGETS) + 3) + 1  # per layer LoRA linears, 2 norms, the MLP; final norm
     for model in (plain, fused):
         model.get_base_model().to(torch.bfloat16)
         for name, parameter in model.named_parameters():
@@ -103,3 +105,7 @@ def test_fused_language_model_on_a_gpu(tiny_model_dir):
     for name in grads:
         cosine = torch.nn.functional.cosine_similarity(grads[name].flatten(), expected_grads[name].flatten(), dim=0)
         assert cosine > 0.99, name
+    later = lora_model(tiny_model_dir)  # Liger's module-level replacements were undone
+    assert not any("Liger" in type(module).__name__ for module in later.modules())
+    kernels.unfuse(changed)
+    assert not any("forward" in vars(module) for module in fused.modules())

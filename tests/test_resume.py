@@ -43,7 +43,7 @@ def test_resume_lands_on_the_same_step_and_adapter(tmp_path):
 
     again = run_script("train.py", *COMMON, "--max_steps=6", "--output_dir=straight", cwd=tmp_path)
     assert "nothing left to train, checkpoint-6 is the last of the 6 steps (--resume=false starts over)" in again.stdout
-    assert "vision cache: not needed" in again.stdout  # nor a memory probe: no time spent on a run that is done
+    assert "plan: none, nothing is left to train" in again.stdout  # no time spent on a run that is done
     c = load_file(tmp_path / "straight" / "adapter_model.safetensors")
     assert all(torch.equal(a[name], c[name]) for name in a)  # saved again from checkpoint-6, unchanged
 
