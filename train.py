@@ -209,6 +209,8 @@ elif processes.main:
                    cuda_graphs=plan.step_graphs.captures if plan.step_graphs else 0,
                    cuda_graph_capture_s=plan.step_graphs.capture_s if plan.step_graphs else 0.0,
                    **runtime.peak_memory(on_gpu), train_loss=result.training_loss, fast=FAST,
+                   processes=processes.world_size, resumed_from_step=checkpoints.step_of(resume.checkpoint)
+                   if resume.checkpoint else 0,
                    process_s=timings.record())
     data.atomic_write_text(Path(OUTPUT_DIR) / "train_results.json", json.dumps(results, indent=1) + "\n")
     print(f"saved: {saved} and processor in {OUTPUT_DIR} (train loss {result.training_loss:.4f}, "

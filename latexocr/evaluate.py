@@ -20,8 +20,9 @@ from latexocr.data import Sample, atomic_write_text
 
 def evaluate(model, processor, samples: list[Sample], prompt: str, image_sizing: dict,
              eval_dir: Path, batch_size: int, max_new_tokens: int, render_formulas: bool = True,
-             show: int = 8) -> dict:
-    """Score `samples` (with references); print `show` predictions, the metrics table and the report path."""
+             worst: int = 3, best: int = 2) -> dict:
+    """Score `samples` (with references); print the `worst` and `best` predictions, the metrics table and the path of
+    the report, which shows them all."""
     predictions = modeling.predict(model, processor, [s.image for s in samples], prompt, image_sizing,
                                    batch_size, max_new_tokens)
     references = [s.text for s in samples]
@@ -41,9 +42,11 @@ def evaluate(model, processor, samples: list[Sample], prompt: str, image_sizing:
     atomic_write_text(eval_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     atomic_write_text(eval_dir / "metrics.json", json.dumps(scores, indent=1) + "\n")
     report_path = write_report(eval_dir / "report.html", rows, scores, draw)
-    for row in rows[:show]:
+    ranked = list(enumerate(worst_first(rows), 1))
+    for rank, row in ranked[:worst] + ranked[max(worst, len(ranked) - best):]:
         mark = "ok " if row["exact_match"] else "   "
-        print(f"{mark}{row['id']}\n    predicted: {row['prediction']}\n    reference: {row['reference']}")
+        print(f"{mark}{row['id']} ({rank} of {len(ranked)}, worst first)\n    predicted: {row['prediction']}\n"
+              f"    reference: {row['reference']}")
     print(metrics.format_table(scores))
     print(f"eval: {len(rows)} predictions in {eval_dir / 'predictions.jsonl'}, metrics in {eval_dir / 'metrics.json'}")
     print(f"report: {report_path}")
@@ -68,15 +71,20 @@ def _picture(draw, latex: str) -> str:
         return '<span class="bad">does not render</span>'
 
 
+def worst_first(rows: list[dict]) -> list[dict]:
+    """Wrong before right, and among them the farthest from the reference first."""
+    return sorted(rows, key=lambda r: (r["exact_match"], -r["edit_distance"]))
+
+
 def write_report(path: Path, rows: list[dict], scores: dict, draw=None, limit: int = 200) -> Path:
     """A self-contained HTML page: per sample the input image, the prediction and the reference (rendered
     when `draw` is given), and the scores; worst first, at most `limit` samples."""
-    worst_first = sorted(rows, key=lambda r: (r["exact_match"], -r["edit_distance"]))[:limit]
+    shown = worst_first(rows)[:limit]
     summary = " &middot; ".join(f"{html.escape(k)} <b>{v:.4f}</b>" if isinstance(v, float) else
                                 f"{html.escape(k)} <b>{html.escape(str(v))}</b>" for k, v in scores.items())
     rendered = {True: "renders the same", False: "renders differently", None: "reference does not render"}
     body = []
-    for rank, row in enumerate(worst_first, 1):
+    for rank, row in enumerate(shown, 1):
         with Image.open(row["image"]) as image:
             source = _data_uri(image)
         verdict = "ok" if row["exact_match"] else "bad"
@@ -100,7 +108,7 @@ pre {{ white-space: pre-wrap; max-width: 420px; font-size: 11px; margin: 0; }}
 </style></head><body>
 <h1>LaTeX OCR evaluation</h1>
 <p>{summary}</p>
-<p>{len(worst_first)} of {len(rows)} samples, worst first.</p>
+<p>{len(shown)} of {len(rows)} samples, worst first.</p>
 <table><tr><th>#</th><th>input image</th><th>prediction</th><th>reference</th><th>scores</th></tr>
 {chr(10).join(body)}
 </table></body></html>

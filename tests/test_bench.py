@@ -5,7 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # runs the scripts as a user does
 
 
 def test_benchmark_smoke_run_measures_every_row(tmp_path):

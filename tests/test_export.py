@@ -13,6 +13,8 @@ from conftest import run_script
 from latexocr import chat, modeling
 from latexocr.data import read_conversations
 
+pytestmark = pytest.mark.slow  # runs the scripts as a user does
+
 ADAPTER_DIR = "output/Qwen2-VL-2B-LatexOCR"
 MERGED_DIR = "output/Qwen2-VL-2B-LatexOCR-merged"
 MAX_NEW_TOKENS = 24

@@ -148,16 +148,18 @@ def family_run(request, tmp_path_factory):
     return request.param, folder, outputs
 
 
+@pytest.mark.slow
 def test_the_vision_cache_trains_the_same_adapter_as_the_vision_tower_in_every_step(family_run):
     # Qwen3-VL's vision tower also feeds early language-model layers (deepstack); the cache must carry those too.
     _, folder, outputs = family_run
-    assert "vision cache: the vision tower's output for 22 images" in outputs["train"].stdout
-    assert "vision cache: off (vision_cache_gib=0)" in outputs["uncached"].stdout
+    assert json.loads((folder / ADAPTER_DIR / "train_results.json").read_text())["vision_cache"]
+    assert not json.loads((folder / "uncached" / "train_results.json").read_text())["vision_cache"]
     cached = assert_same_adapter(folder / ADAPTER_DIR, folder / "uncached")
     trained = [name for name in cached if "lora_B" in name]
     assert all(cached[name].abs().max() > 1e-4 for name in trained)  # B starts at zero: both runs moved it
 
 
+@pytest.mark.slow
 def test_train_saves_a_language_model_adapter_and_records_the_family(family_run):
     model_id, folder, outputs = family_run
     adapter = folder / ADAPTER_DIR
@@ -174,10 +176,11 @@ def test_train_saves_a_language_model_adapter_and_records_the_family(family_run)
     assert f"({family.name})" in outputs["train"].stdout and "step 1/2 | loss" in outputs["train"].stdout
 
 
+@pytest.mark.slow
 def test_infer_predicts_the_val_set_of_each_family(family_run):
     _, folder, outputs = family_run
     predictions = [json.loads(line) for line in (folder / ADAPTER_DIR / "infer" / "predictions.jsonl").open()]
     val = read_conversations(folder / "latex_ocr_val.json")
     assert val and [p["reference"] for p in predictions] == [s.text for s in val]
     assert all(isinstance(p["prediction"], str) for p in predictions)
-    assert outputs["infer"].stdout.count("predicted:") == len(val)
+    assert 0 < outputs["infer"].stdout.count("predicted:") <= 5  # the worst and the best; the report has them all

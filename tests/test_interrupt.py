@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, run_script
 
+pytestmark = pytest.mark.slow  # runs the scripts as a user does
+
 POLL_DEADLINE_S = 600  # how long to wait for the moment to kill: generous, a busy machine can be slow
 ROWS = 120  # data2csv.py rows: enough that the kill lands well inside the loop
 STEPS = 8  # train.py optimizer steps; the run is killed as soon as checkpoint-4 holds CHECKPOINT_FILES

@@ -7,7 +7,11 @@ import shutil
 import torch
 from safetensors.torch import load_file
 
+import pytest
+
 from conftest import run_script
+
+pytestmark = pytest.mark.slow  # runs the scripts as a user does
 
 ADAPTER = "output/Qwen2-VL-2B-LatexOCR"
 # A constant learning rate, so that stopping after 4 of 6 steps (as a crash would) leaves the schedule alone.
@@ -27,7 +31,8 @@ def test_resume_lands_on_the_same_step_and_adapter(tmp_path):
     shutil.copytree(tmp_path / "resumed" / "checkpoint-4", half)
     (half / "trainer_state.json").unlink()
     resumed = run_script("train.py", *COMMON, "--max_steps=6", "--output_dir=resumed", cwd=tmp_path)
-    assert "resuming from resumed/checkpoint-4 (step 4)" in resumed.stdout
+    assert "resuming from resumed/checkpoint-4 (step 4)" in resumed.stdout  # what the user is told
+    assert json.loads((tmp_path / "resumed" / "train_results.json").read_text())["resumed_from_step"] == 4
 
     state = json.loads((tmp_path / "resumed" / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6

@@ -6,7 +6,11 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, run_script
+
+pytestmark = pytest.mark.slow  # runs the scripts as a user does
 
 
 def test_pickled_weights_are_refused(tiny_model_dir, tmp_path):

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import assert_same_adapter, logged_losses, run_script, synthetic_train_json
 
+pytestmark = pytest.mark.slow  # runs the scripts as a user does
+
 TRAIN = ("--model_id=tiny-random", "--train_json_path=train.json", "--val_json_path=", "--lora_dropout=0.0",
          "--max_steps=4", "--save_steps=4", "--logging_steps=1", "--num_workers=0", "--swanlab_mode=disabled")
 
@@ -18,8 +20,8 @@ def test_padded_graph_steps_train_as_plain_ones(tmp_path, micro_batch):
     batch = (f"--micro_batch_size={micro_batch}",)
     plain = run_script("train.py", *TRAIN, *batch, "--output_dir=plain", "--cuda_graphs=false", cwd=tmp_path)
     graphs = run_script("train.py", *TRAIN, *batch, "--output_dir=graphs", "--cuda_graphs=true", cwd=tmp_path)
-    assert "CUDA graphs" not in plain.stdout
-    assert "the steps run padded, as the graphs would run them" in graphs.stdout
+    assert not json.loads((tmp_path / "plain" / "train_results.json").read_text())["cuda_graphs_on"]
+    assert json.loads((tmp_path / "graphs" / "train_results.json").read_text())["cuda_graphs_on"]
     plain_losses, plain_norms = logged_losses(tmp_path / "plain" / "checkpoint-4")
     graph_losses, graph_norms = logged_losses(tmp_path / "graphs" / "checkpoint-4")
     assert len(graph_losses) == 4
@@ -27,12 +29,3 @@ def test_padded_graph_steps_train_as_plain_ones(tmp_path, micro_batch):
     assert_same_adapter(tmp_path / "graphs", tmp_path / "plain")
     results = json.loads((tmp_path / "graphs" / "train_results.json").read_text())
     assert results["cuda_graphs"] == 0  # no GPU: nothing captured
-
-
-def test_graphs_refused_where_they_cannot_work(tmp_path):
-    synthetic_train_json(tmp_path, 16, seed=1)
-    result = run_script("train.py", *TRAIN, "--model_id=tiny-random-qwen3-vl", "--cuda_graphs=true", cwd=tmp_path,
-                        check=False)
-    assert result.returncode != 0 and "--cuda_graphs=true does not work with Qwen3-VL" in result.stderr
-    result = run_script("train.py", "--model_id=tiny-random", "--cuda_graphs=sometimes", cwd=tmp_path, check=False)
-    assert result.returncode != 0 and "--cuda_graphs=sometimes: expected auto, true or false" in result.stderr
