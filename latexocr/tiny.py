@@ -173,6 +173,20 @@ def build_model(config, dtype: torch.dtype = torch.float32, device: str = "cpu",
     return model
 
 
+def save_atomically(out_dir: Path, *parts) -> Path:
+    """save_pretrained each of parts into a new folder out_dir, which appears only once all are written."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        for part in parts:
+            part.save_pretrained(tmp)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
 def build_model_folder(out_dir: str | Path, dims: dict | None = None, seed: int = 0,
                        dtype: torch.dtype = torch.float32, device: str = "cpu", model_type: str = "qwen2_vl") -> Path:
     """Write a random model of the family `model_type` (config, safetensors, processor) to out_dir, atomically;
@@ -186,13 +200,4 @@ def build_model_folder(out_dir: str | Path, dims: dict | None = None, seed: int 
     processor = build_processor(train_tokenizer(corpus, chat_template=CHAT_TEMPLATES[model_type]), model_type)
     dims = dims or TINY_FAMILY_DIMENSIONS[model_type]
     model = build_model(build_config(processor.tokenizer, dims, model_type), dtype=dtype, device=device, seed=seed)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return save_atomically(out_dir, model, processor)
