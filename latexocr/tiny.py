@@ -4,7 +4,8 @@ Each has its family's architecture (Qwen2-VL, Qwen2.5-VL or Qwen3-VL), special t
 image processor settings, a small byte-level BPE tokenizer trained here on synthetic formulas, and random
 weights. `build_model_folder` writes one like a downloaded model (config, safetensors, processor), so
 every script loads it the same way. The same builder makes the full-size Qwen2-VL-2B shape (random
-weights) for speed measurements.
+weights) for speed measurements, with Qwen2-VL's real vocabulary (`qwen2_tokenizer`) so that answers
+are as many tokens long as they are for the real model.
 """
 
 import importlib.resources
@@ -89,11 +90,14 @@ TINY_QWEN3_VL_DIMENSIONS = dict(TINY_DIMENSIONS, mrope_section=[4, 2, 2], vision
                                 num_position_embeddings=256, deepstack_visual_indexes=[0])
 TINY_FAMILY_DIMENSIONS = {"qwen2_vl": TINY_DIMENSIONS, "qwen2_5_vl": TINY_QWEN2_5_VL_DIMENSIONS,
                           "qwen3_vl": TINY_QWEN3_VL_DIMENSIONS}
-# Qwen2-VL-2B-Instruct's shape (the vocabulary is padded to it; the tokenizer stays small).
+# Qwen2-VL-2B-Instruct's shape (its vocabulary padded to 151936, as the real model's is).
 QWEN2_VL_2B_DIMENSIONS = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                               num_attention_heads=12, num_key_value_heads=2, mrope_section=[16, 24, 24],
                               vision_depth=32, vision_embed_dim=1280, vision_num_heads=16, vocab_size=151936)
 TOKENIZER_VOCAB_SIZE = 8000
+# build_model_folder's tokenizers: the small BPE trained here (tiny models: seconds, a small embedding), or
+# Qwen2-VL's real vocabulary (benchmarks: the small one makes formulas about a fifth fewer tokens).
+TOKENIZERS = ("tiny", "qwen2")
 QWEN2_FIRST_SPECIAL_ID = 151643  # <|endoftext|>'s id, the first after Qwen2's 151,643 byte-level tokens
 
 
@@ -216,16 +220,22 @@ def save_atomically(out_dir: Path, *parts) -> Path:
 
 
 def build_model_folder(out_dir: str | Path, dims: dict | None = None, seed: int = 0,
-                       dtype: torch.dtype = torch.float32, device: str = "cpu", model_type: str = "qwen2_vl") -> Path:
+                       dtype: torch.dtype = torch.float32, device: str = "cpu", model_type: str = "qwen2_vl",
+                       tokenizer: str = "tiny") -> Path:
     """Write a random model of the family `model_type` (config, safetensors, processor) to out_dir, atomically;
-    `dims` defaults to the family's tiny dimensions.
+    `dims` defaults to the family's tiny dimensions, `tokenizer` is one of TOKENIZERS.
 
     The full-size shape is built fastest on a GPU in bf16 (dtype=torch.bfloat16, device="cuda")."""
-    out_dir = Path(out_dir)
-    rng = random.Random(seed)
-    corpus = [synth.random_formula(rng) for _ in range(3000)]
-    corpus += ["You are a helpful assistant.", "system\nuser\nassistant\n", chat.PROMPT]
-    processor = build_processor(train_tokenizer(corpus, chat_template=CHAT_TEMPLATES[model_type]), model_type)
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer={tokenizer!r}: expected one of {', '.join(TOKENIZERS)}")
+    if tokenizer == "qwen2":
+        text_tokenizer = qwen2_tokenizer(CHAT_TEMPLATES[model_type])
+    else:
+        rng = random.Random(seed)
+        corpus = [synth.random_formula(rng) for _ in range(3000)]
+        corpus += ["You are a helpful assistant.", "system\nuser\nassistant\n", chat.PROMPT]
+        text_tokenizer = train_tokenizer(corpus, chat_template=CHAT_TEMPLATES[model_type])
+    processor = build_processor(text_tokenizer, model_type)
     dims = dims or TINY_FAMILY_DIMENSIONS[model_type]
     model = build_model(build_config(processor.tokenizer, dims, model_type), dtype=dtype, device=device, seed=seed)
-    return save_atomically(out_dir, model, processor)
+    return save_atomically(Path(out_dir), model, processor)

@@ -6,7 +6,9 @@ import importlib.resources
 import numpy as np
 import pytest
 import tiktoken
+from PIL import Image
 from tiktoken.load import load_tiktoken_bpe
+from transformers import AutoConfig, AutoProcessor
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 import conftest
@@ -57,6 +59,22 @@ def test_chat_template_renders_qwen2_vls_prompt(tokenizer):
     text = tokenizer.apply_chat_template(chat.messages(chat.PROMPT), tokenize=False, add_generation_prompt=True)
     assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                     f"<|vision_start|><|image_pad|><|vision_end|>{chat.PROMPT}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_model_folder_with_it_encodes_an_image_and_prompt(tmp_path):
+    folder = tiny.build_model_folder(tmp_path / "model", tokenizer="qwen2")
+    processor = AutoProcessor.from_pretrained(folder)
+    image = chat.load_image(Image.new("RGB", (300, 60), "white"), chat.sizing())
+    example = chat.encode_example(processor, image, r"\frac { a } { b }", chat.PROMPT)
+    input_ids = example["input_ids"]
+    t, h, w = example["image_grid_thw"][0].tolist()
+    assert processor.image_token_id == 151655
+    assert (input_ids == 151655).sum().item() == t * h * w // 4
+    assert input_ids[-1].item() == 151645  # <|im_end|> ends the answer
+    assert processor.tokenizer.decode(input_ids[:3]) == "<|im_start|>system\n"
+    config = AutoConfig.from_pretrained(folder)  # the model's special-token ids are the tokenizer's
+    assert (config.image_token_id, config.vision_start_token_id, config.text_config.eos_token_id,
+            config.text_config.pad_token_id) == (151655, 151652, 151645, 151643)
 
 
 def test_real_formulas_are_tiktokens_tokens(tokenizer, real_formulas):
