@@ -6,7 +6,7 @@ optimizer), and prints the operators by CPU time and by GPU time, then per step:
 kernels launched, and the reads back from the GPU (each one makes the CPU wait for the GPU).
 Reads:  whatever train.py reads (its arguments)
 Writes: whatever train.py writes
-Run:    python bench/profile_train.py --model_id=bench_results/qwen2-vl-2b-random \\
+Run:    python bench/profile_train.py --model_id=bench_results/qwen2-vl-2b-random-qwen2 \\
             --train_json_path=bench_results/train.json --val_json_path= --max_steps=12 --output_dir=bench_results/profile
         (after bench/speed.py has built the model and the data; on a CPU, with --model_id=tiny-random)
 """

@@ -1,8 +1,9 @@
 """Speed and memory of train.py and infer.py against the tutorial recipe, side by side, in one run.
 
-Both train the same Qwen2-VL-2B shape (random weights: compute and memory do not depend on the values)
-with the same LoRA, the same effective batch of 16 and the same samples, rendered from real LaTeX_OCR
-formulas. Rows: the tutorial recipe; train.py at the tutorial's image size (the same work, for the ratio);
+Both train the same Qwen2-VL-2B shape (random weights: compute and memory do not depend on the values;
+Qwen2-VL's real vocabulary, so answers are as many tokens long as for the real model) with the same
+LoRA, the same effective batch of 16 and the same samples, rendered from real LaTeX_OCR formulas.
+Rows: the tutorial recipe; train.py at the tutorial's image size (the same work, for the ratio);
 train.py with its own defaults; the same with --torch_compile=true; the defaults capped to 24 and
 12 GiB of GPU memory. A short train.py run goes first, unmeasured: on a freshly started machine the first
 training process ran at half speed, whichever it was. Then generation: the tutorial's one-image loop
@@ -36,6 +37,7 @@ COMPARED_IMAGES = 8  # of infer.py's batch, generated again one at a time, to co
 EVAL_MAX_NEW_TOKENS = 64  # token cap for both; random weights never stop early, so every image uses it all
 FORMULAS_PATH = str(ROOT.parent / "shared" / "data" / "latex_ocr_val_formulas.txt")
 RESULTS_DIR = "bench_results"
+TOKENIZER = "qwen2"  # the 2B random model's: "qwen2" (Qwen2-VL's vocabulary) or "tiny" (the small BPE --tiny=true has)
 RUNS = "tutorial,ours_tutorial_size,ours,ours_compiled,ours_24gib,ours_12gib,eval"  # which rows to measure
 # -----------------------------------------------------------------------------
 config = apply_overrides(globals())
@@ -112,10 +114,11 @@ results["environment"] = dict(device=torch.cuda.get_device_name() if on_gpu else
 if TINY:
     model_dir = modeling.resolve_model(modeling.TINY_MODEL_ID)
 else:
-    model_dir = results_dir / "qwen2-vl-2b-random"
+    model_dir = results_dir / f"qwen2-vl-2b-random-{TOKENIZER}"  # one per tokenizer: the other's is never reused
     if not (model_dir / "config.json").is_file():
-        print("building Qwen2-VL-2B with random weights (bf16, on the GPU)")
-        tiny.build_model_folder(model_dir, tiny.QWEN2_VL_2B_DIMENSIONS, dtype=torch.bfloat16, device="cuda")
+        print(f"building Qwen2-VL-2B with random weights (bf16, on the GPU) and the {TOKENIZER} tokenizer")
+        tiny.build_model_folder(model_dir, tiny.QWEN2_VL_2B_DIMENSIONS, dtype=torch.bfloat16, device="cuda",
+                                tokenizer=TOKENIZER)
 train_json = results_dir / "train.json"
 if not train_json.is_file():
     if Path(FORMULAS_PATH).is_file():

