@@ -101,6 +101,9 @@ sources = TRAIN_JSON_PATH + (f" and {VAL_JSON_PATH}" if VAL_JSON_PATH else "")
 lengths = preflight.check_samples(train_samples + val_samples, processor, PROMPT, image_sizing, MAX_LENGTH, sources,
                                   show_progress=processes.main)
 print(lengths.histogram(MAX_LENGTH))
+cut_short = lengths.over_cap(EVAL_MAX_NEW_TOKENS, first=len(train_samples))  # the val samples'
+if cut_short:
+    print(cut_short)
 train_lengths = preflight.Lengths(*(values[:len(train_samples)] for values in vars(lengths).values()))
 timings.mark("data and pre-flight")
 
@@ -179,7 +182,8 @@ else:
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     timings.mark("trainer setup")
-    with runtime.adapter_math_in_autocast(model):
+    with runtime.adapter_math_in_autocast(model), checkpoints.weights_resumed(model, resume.checkpoint, TUNER,
+                                                                             DISTRIBUTED):
         result = trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume.checkpoint else None)
     timings.mark("training")
     if plan.step_graphs:

@@ -22,6 +22,7 @@ MIN_PIXELS = MIN_IMAGE_TOKENS * TOKEN_PX * TOKEN_PX
 MAX_PIXELS = MAX_IMAGE_TOKENS * TOKEN_PX * TOKEN_PX
 IGNORE_INDEX = -100  # label value the loss skips
 END_OF_ANSWER = "<|im_end|>"
+END_TOKENS = (END_OF_ANSWER, "<|endoftext|>")  # generation stops at either
 # Images reach the processor already sized by load_image, and its own bounds must not resize them again:
 # Qwen3-VL's lifts every image to at least 64 tokens, so image_tokens' count would no longer hold.
 PROCESSOR_KWARGS = {"do_resize": False, "return_tensors": "pt"}

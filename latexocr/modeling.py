@@ -145,10 +145,11 @@ def generation_model(model, dtype: torch.dtype):
 @full_precision_float32()
 def predict(model, processor, images: list, prompt: str, image_sizing: dict,
             batch_size: int = 16, max_new_tokens: int = 256, show_progress: bool = True) -> list[str]:
-    """Greedy LaTeX for each image (path or PIL image), batched with left padding, stopping at <|im_end|>."""
+    """Greedy LaTeX for each image (path or PIL image), batched with left padding, stopping at <|im_end|> (the end of
+    a chat turn, as trained) or at <|endoftext|> (the end of a document, which a base model may emit instead)."""
     model.eval()
     tokenizer = processor.tokenizer
-    end_id = tokenizer.convert_tokens_to_ids(chat.END_OF_ANSWER)
+    end_id = [tokenizer.convert_tokens_to_ids(token) for token in chat.END_TOKENS]
     device = next(model.parameters()).device
     predictions = []
     for start in tqdm(range(0, len(images), batch_size), desc="predicting", unit="batch",

@@ -21,10 +21,12 @@ pytestmark = pytest.mark.slow  # runs the scripts as a user does
 
 POLL_DEADLINE_S = 600  # how long to wait for the moment to kill: generous, a busy machine can be slow
 ROWS = 120  # data2csv.py rows: enough that the kill lands well inside the loop
-STEPS = 8  # train.py optimizer steps; the run is killed as soon as checkpoint-4 holds CHECKPOINT_FILES
+STEPS = 10  # train.py optimizer steps; the run is killed as soon as checkpoint-4 holds CHECKPOINT_FILES
 CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "trainer_state.json")  # the state comes last
-TRAIN = ["--model_id=tiny-random", "--batch_size=2", "--save_steps=2", "--logging_steps=1", "--num_workers=0",
-         "--swanlab_mode=disabled", "--val_json_path=", "--learning_rate=1e-3", f"--max_steps={STEPS}"]  # linear lr
+# The defaults otherwise: DataLoader workers, dropout on, a linear learning rate. 27 samples in batches of 4 are 7
+# steps an epoch, so the resumed run finishes the epoch it was killed in and starts another.
+TRAIN = ["--model_id=tiny-random", "--batch_size=4", "--save_steps=2", "--logging_steps=1",
+         "--swanlab_mode=disabled", "--val_json_path=", "--learning_rate=1e-3", f"--max_steps={STEPS}"]
 
 
 def kill_when(ready, script: str, *args: str, cwd: Path, log: Path) -> None:
@@ -108,17 +110,17 @@ def test_train_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tmp
     assert f"resuming from killed/checkpoint-{newest} (step {newest})" in resumed.stdout
     results = [json.loads((tmp_path / name / "train_results.json").read_text()) for name in ("straight", "killed")]
     assert [(r["steps"], r["steps_this_run"]) for r in results] == [(STEPS, STEPS), (STEPS, STEPS - newest)]
-    # The same loss at every step, and the same adapter: optimizer, schedule, random state and data order
-    # were all restored.
+    # The same loss at every step, and the same adapter, bit for bit (as two uninterrupted runs are): optimizer,
+    # schedule, random state and data order were all restored.
     losses = [[(e["step"], e["loss"]) for e in json.loads((tmp_path / name / f"checkpoint-{STEPS}" /
                                                            "trainer_state.json").read_text())["log_history"]
                if "loss" in e] for name in ("straight", "killed")]
     assert [step for step, _ in losses[0]] == list(range(1, STEPS + 1))
     assert [step for step, _ in losses[1]] == [step for step, _ in losses[0]]
-    assert [loss for _, loss in losses[1]] == pytest.approx([loss for _, loss in losses[0]], abs=1e-5)
+    assert [loss for _, loss in losses[1]] == [loss for _, loss in losses[0]]
     a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
     b = load_file(killed / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=0), (name, (a[name] - b[name]).abs().max())
+        assert torch.equal(a[name], b[name]), (name, (a[name] - b[name]).abs().max())
     assert any(a[name].abs().sum() > 0 for name in a if "lora_B" in name)  # training moved the adapter

@@ -105,7 +105,7 @@ def test_infer_takes_an_image_or_a_folder(demo):
 
 
 @pytest.mark.parametrize("model_id", LEARNING_MODELS)
-def test_learning_the_pipeline_can_overfit_eight_formulas_exactly(model_id, tmp_path):
+def test_learning_the_pipeline_can_overfit_eight_formulas_exactly(model_id, tmp_path, tuning=()):
     """Wrong labels, a wrong end token or images paired with the wrong text all make this fail, for every family."""
     run_script("data2csv.py", "--source=synthetic", "--max_data_number=40", cwd=tmp_path)
     # Formulas of up to 60 characters (a third of a real one): enough for a 64-wide model in 300 steps.
@@ -114,7 +114,7 @@ def test_learning_the_pipeline_can_overfit_eight_formulas_exactly(model_id, tmp_
     run_script("train.py", f"--model_id={model_id}", "--train_json_path=eight.json", "--val_json_path=eight.json",
                "--batch_size=8", "--max_steps=300", "--learning_rate=3e-3",
                "--lr_scheduler_type=constant", "--logging_steps=50", "--save_steps=1000", "--swanlab_mode=disabled",
-               "--num_workers=0", cwd=tmp_path)
+               "--num_workers=0", *tuning, cwd=tmp_path)
     result = run_script("infer.py", "--image=eight.json", cwd=tmp_path)
     predictions = [json.loads(line) for line in (tmp_path / ADAPTER_DIR / "infer" / "predictions.jsonl").open()]
     wrong = [(p["prediction"], p["reference"]) for p in predictions if p["prediction"] != p["reference"]]
@@ -122,3 +122,15 @@ def test_learning_the_pipeline_can_overfit_eight_formulas_exactly(model_id, tmp_
     # train.py's own evaluation, in the same process that trained, predicts what infer.py does
     evaluated = [json.loads(line) for line in (tmp_path / ADAPTER_DIR / "eval" / "predictions.jsonl").open()]
     assert [p["prediction"] for p in evaluated] == [p["prediction"] for p in predictions]
+
+
+@pytest.mark.slow
+def test_learning_with_every_weight_training_the_vision_side_too(tmp_path):
+    """Full fine-tuning of the language model, the merger and the vision tower: the same exact matches, and a whole
+    model saved (safetensors, no adapter) that infer.py predicts with."""
+    test_learning_the_pipeline_can_overfit_eight_formulas_exactly(modeling.TINY_MODEL_ID, tmp_path,
+                                                                  tuning=("--tuner=full", "--train_vision=all"))
+    saved = {p.name for p in (tmp_path / ADAPTER_DIR).iterdir()}
+    assert {"model.safetensors", "config.json", "train_config.json"} <= saved and "adapter_model.safetensors" not in saved
+    weights = load_file(tmp_path / ADAPTER_DIR / "model.safetensors")
+    assert any(name.startswith("visual.blocks.") for name in weights) and any("visual.merger." in name for name in weights)

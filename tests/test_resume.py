@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow  # runs the scripts as a user does
 ADAPTER = "output/Qwen2-VL-2B-LatexOCR"
 # A constant learning rate, so that stopping after 4 of 6 steps (as a crash would) leaves the schedule alone.
 COMMON = ["--model_id=tiny-random", "--batch_size=4", "--save_steps=2", "--swanlab_mode=disabled",
-          "--val_json_path=", "--num_workers=0", "--learning_rate=1e-3", "--lr_scheduler_type=constant"]
+          "--val_json_path=", "--learning_rate=1e-3", "--lr_scheduler_type=constant"]  # DataLoader workers: the default
 
 
 def test_resume_lands_on_the_same_step_and_adapter(tmp_path):
@@ -62,3 +62,23 @@ def test_resume_refuses_checkpoints_of_other_settings(tmp_path):
     assert "model:" not in other.stdout  # refused before the weights were loaded
     fresh = run_script("train.py", *COMMON, "--max_steps=2", "--lora_rank=8", "--resume=false", cwd=tmp_path)
     assert "resuming" not in fresh.stdout
+
+
+def test_a_full_fine_tune_resumes_to_the_same_weights(tmp_path):
+    run_script("data2csv.py", "--source=synthetic", "--max_data_number=30", cwd=tmp_path)
+    run_script("csv2json.py", cwd=tmp_path)
+    full = [*COMMON, "--tuner=full", "--train_vision=merger"]
+    run_script("train.py", *full, "--max_steps=6", "--output_dir=straight", cwd=tmp_path)
+    run_script("train.py", *full, "--max_steps=4", "--output_dir=resumed", cwd=tmp_path)
+    resumed = run_script("train.py", *full, "--max_steps=6", "--output_dir=resumed", cwd=tmp_path)
+    assert json.loads((tmp_path / "resumed" / "train_results.json").read_text())["resumed_from_step"] == 4
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and any(name.startswith("visual.merger.") for name in a)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-5), name
+    again = run_script("train.py", *full, "--max_steps=6", "--output_dir=resumed", cwd=tmp_path)
+    assert "nothing left to train" in again.stdout and "saved: model and processor" in again.stdout
+    c = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(b[name], c[name]) for name in b)  # saved again from checkpoint-6, unchanged
+    assert "resuming" in resumed.stdout and "keys in the checkpoint" not in resumed.stderr  # nothing alarming said

@@ -4,7 +4,9 @@ The Trainer writes checkpoint-N/ with the weights, the optimizer state and (last
 A folder left by a crash lacks one of them, or holds half of the state, and is passed over.
 """
 
+import contextlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,16 +80,39 @@ def decide(output_dir: Path, config: dict, weights_file: str, resume: bool) -> R
 
 
 def load_weights(model, checkpoint: Path, tuner: str):
-    """The trained weights a checkpoint holds, into the model (a finished run, saved and scored again)."""
-    from safetensors.torch import load_file
+    """The trained weights a checkpoint holds, into the model: the adapter's, or (full fine-tuning) the whole model's,
+    read through from_pretrained, which maps the saved names back to the model's (Qwen2-VL's checkpoints name
+    `model.embed_tokens`, the model `model.language_model.embed_tokens`)."""
     if tuner == "lora":
         from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
         set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
         return
-    state = {}
-    for part in sorted(checkpoint.glob("model*.safetensors")):
-        state.update(load_file(part))
-    missing, _ = model.load_state_dict(state, strict=False)
-    untied = [name for name in missing if name not in getattr(model, "_tied_weights_keys", None) or []]
-    if untied and not all(name.endswith("lm_head.weight") for name in untied):
-        raise SystemExit(f"{checkpoint}: the saved weights lack {', '.join(untied[:5])}; --resume=false starts over.")
+    from transformers import AutoModelForImageTextToText
+    saved = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=next(model.parameters()).dtype,
+                                                        use_safetensors=True)
+    model.load_state_dict(saved.state_dict())
+
+
+class _TrainersOwnLoad(logging.Filter):
+    """The Trainer's warnings from its own load of a full model's checkpoint, which matches none of the names."""
+
+    def filter(self, record):
+        return "keys in the checkpoint model loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def weights_resumed(model, checkpoint: Path | None, tuner: str, distributed: str):
+    """Around trainer.train(resume_from_checkpoint=...): a full fine-tune's weights loaded here, since the Trainer's
+    own load (a plain load_state_dict of the saved names) matches none of the model's and leaves the base weights
+    in place, silently but for a warning that lists every weight. Adapters, DeepSpeed and FSDP load their own."""
+    if checkpoint is None or tuner == "lora" or distributed != "ddp":
+        yield
+        return
+    load_weights(model, checkpoint, tuner)
+    trainer_log, quiet = logging.getLogger("transformers.trainer"), _TrainersOwnLoad()
+    trainer_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        trainer_log.removeFilter(quiet)

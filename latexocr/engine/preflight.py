@@ -17,6 +17,16 @@ class Lengths:
     image_tokens: list[int]
     answer_rows: list[int]  # labelled positions: the answer's tokens and its end token
 
+    def over_cap(self, max_new_tokens: int, first: int = 0) -> str:
+        """A note when answers (from sample `first` on) need more tokens than generation may make: their
+        predictions would be cut short and scored as wrong; "" when none does."""
+        longer = [rows for rows in self.answer_rows[first:] if rows > max_new_tokens]
+        if not longer:
+            return ""
+        return (f"note: {len(longer)} answer(s) need more than eval_max_new_tokens={max_new_tokens} tokens (the longest "
+                f"{max(longer)}, its end token included): their predictions will be cut short and scored as wrong. "
+                f"Raise --eval_max_new_tokens to {max(longer)} or more.")
+
     def histogram(self, max_length: int) -> str:
         edges = [*LENGTH_EDGES, max_length + 1]
         counts = [sum(lo <= n < hi for n in self.tokens) for lo, hi in zip(edges, edges[1:])]
