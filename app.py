@@ -32,6 +32,7 @@ config = apply_overrides(globals(), rules=settings.APP)
 # --- setup -------------------------------------------------------------------
 from latexocr import app_page, predictor  # noqa: E402
 
+app_page.check_address(HOST, PORT)
 train_config = predictor.read_train_config(OUTPUT_DIR)
 precision = PRECISION or train_config.get("eval_precision", "float32")
 

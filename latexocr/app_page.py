@@ -9,6 +9,7 @@ message on the page, and the server goes on serving.
 import html
 import itertools
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -112,14 +113,27 @@ def build(run, examples: list[Path], max_new_tokens: int, max_image_pixels: int)
     return page
 
 
+def check_address(host: str, port: int) -> None:
+    """Stop now, not after the model has loaded for minutes, when nothing can listen on host:port."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError:
+        raise SystemExit(_cannot_serve(host, port)) from None
+
+
 def serve(page: gr.Blocks, host: str, port: int) -> None:
     """Serve the page at host:port until Ctrl+C; print its address once it answers."""
     try:
         page.queue(default_concurrency_limit=1).launch(server_name=host, server_port=port, quiet=True,
                                                        prevent_thread_lock=True, ssr_mode=False,
                                                        max_file_size=MAX_UPLOAD)
-    except OSError:
-        raise SystemExit(f"cannot serve on {host}:{port}: the port is in use, or {host} is not an address of this "
-                         "machine. Pass another --port, or --host=127.0.0.1.") from None
+    except OSError:  # taken since check_address looked
+        raise SystemExit(_cannot_serve(host, port)) from None
     print(f"page: {page.local_url} (Ctrl+C stops it)", flush=True)
     page.block_thread()
+
+
+def _cannot_serve(host: str, port: int) -> str:
+    return (f"cannot serve on {host}:{port}: the port is in use, or {host} is not an address of this machine. "
+            "Pass another --port, or --host=127.0.0.1.")

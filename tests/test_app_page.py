@@ -128,5 +128,9 @@ def test_a_port_in_use_is_refused_with_what_to_do(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(SystemExit, match=f"cannot serve on 127.0.0.1:{port}: the port is in use"):
-            app_page.serve(page, "127.0.0.1", port)
+        message = f"cannot serve on 127.0.0.1:{port}: the port is in use"
+        with pytest.raises(SystemExit, match=message):
+            app_page.check_address("127.0.0.1", port)  # before the model loads
+        with pytest.raises(SystemExit, match=message):
+            app_page.serve(page, "127.0.0.1", port)  # taken after that look
+    app_page.check_address("127.0.0.1", port)  # free again: the look itself leaves nothing behind
