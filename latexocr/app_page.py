@@ -79,13 +79,14 @@ def read_formula(image: Image.Image | None, predict: Callable[[Image.Image], str
     started = time.perf_counter()
     latex = predict(image)
     predicted = time.perf_counter()
+    if not latex:
+        return latex, None, f"<p>The model wrote no LaTeX for this image ({predicted - started:.2f} s).</p>"
     try:
         rendered, note = render.render(latex), ""
     except ValueError as error:
         rendered, note = None, f" The LaTeX does not render: {error}"
     took = f"Read in {predicted - started:.2f} s, rendered in {time.perf_counter() - predicted:.2f} s."
-    text = (took if latex else "The model wrote no LaTeX for this image.") + note
-    return latex, rendered, f"<p>{html.escape(text)}</p>"
+    return latex, rendered, f"<p>{html.escape(took + note)}</p>"
 
 
 def build(run, examples: list[Path], max_new_tokens: int, max_image_pixels: int) -> gr.Blocks:
@@ -100,8 +101,9 @@ def build(run, examples: list[Path], max_new_tokens: int, max_image_pixels: int)
                     f"Model: `{run.description}`")
         with gr.Row(equal_height=True):
             # image_mode=None hands the image over as uploaded: load_image flattens transparency onto white.
-            image = FormulaImage(label="Formula image", type="pil", image_mode=None, sources=["upload", "clipboard"],
-                                 elem_id="formula-image")
+            # format: the examples reach the browser, and come back, as lossless PNG rather than Gradio's WebP.
+            image = FormulaImage(label="Formula image", type="pil", image_mode=None, format="png",
+                                 sources=["upload", "clipboard"], elem_id="formula-image")
             rendered = gr.Image(label="The LaTeX, rendered", type="pil", format="png", interactive=False,
                                 buttons=["download", "fullscreen"], elem_id="rendered")
         button = gr.Button("Read formula", variant="primary", elem_id="read")

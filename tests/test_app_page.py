@@ -44,7 +44,8 @@ def test_latex_that_does_not_render_is_shown_with_a_note_and_no_picture(formula)
 
 def test_an_empty_prediction_says_so(formula):
     latex, rendered, status = app_page.read_formula(formula[0], lambda im: "", LIMIT)
-    assert latex == "" and rendered is None and "The model wrote no LaTeX for this image." in status
+    assert latex == "" and rendered is None and "The model wrote no LaTeX for this image" in status
+    assert "render" not in status
 
 
 def test_an_empty_submission_is_refused_with_what_to_do():
