@@ -43,8 +43,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(chromium, tmp_path_factory):
-    """The learning test's recipe, cut to 150 steps (some formulas exact), served by app.py on a free port;
-    with an image the model reads right and infer.py's prediction for it."""
+    """The learning test's recipe, cut to 150 steps (some formulas exact), served by app.py on a free port with the
+    eight formulas as examples; an image the model reads right (example number `example`) and infer.py's
+    prediction for it."""
     folder = tmp_path_factory.mktemp("app")
     run_script("data2csv.py", "--source=synthetic", "--max_data_number=40", cwd=folder)
     rows = [(image, text) for _, image, text in read_csv(folder / "latex_ocr_train.csv") if len(text) <= 60]
@@ -53,15 +54,17 @@ def served(chromium, tmp_path_factory):
                "--batch_size=8", "--max_steps=150", "--learning_rate=3e-3", "--lr_scheduler_type=constant",
                "--logging_steps=50", "--save_steps=1000", "--swanlab_mode=disabled", "--num_workers=0", cwd=folder)
     evaluated = [json.loads(line) for line in (folder / RUN_DIR / "eval" / "predictions.jsonl").open()]
-    image = next((row["image"] for row in evaluated if row["prediction"] == row["reference"]), None)
-    assert image, f"no formula read exactly after 150 steps: {[row['prediction'] for row in evaluated]}"
+    exact = [i for i, row in enumerate(evaluated) if row["prediction"] == row["reference"]]
+    assert exact, f"no formula read exactly after 150 steps: {[row['prediction'] for row in evaluated]}"
+    image = evaluated[exact[0]]["image"]
 
     port = free_port()
     log = folder / "app.log"
     env = dict(os.environ, GRADIO_TEMP_DIR=str(folder / "uploads"))
     with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), f"--output_dir={RUN_DIR}", f"--port={port}"],
-                                  cwd=folder, stdout=out, stderr=subprocess.STDOUT, env=env)
+        server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), f"--output_dir={RUN_DIR}", f"--port={port}",
+                                   f"--examples={len(evaluated)}"], cwd=folder, stdout=out, stderr=subprocess.STDOUT,
+                                  env=env)
     try:
         run_script("infer.py", f"--image={image}", cwd=folder)  # while the server loads
         expected = json.loads((folder / RUN_DIR / "infer" / "predictions.jsonl").read_text())["prediction"]
@@ -70,8 +73,8 @@ def served(chromium, tmp_path_factory):
             assert server.poll() is None, f"app.py exited {server.returncode}:\n{log.read_text()[-4000:]}"
             assert time.monotonic() < deadline, f"app.py did not serve within {STARTUP_S} s:\n{log.read_text()}"
             time.sleep(0.5)
-        yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", image=image, expected=expected, server=server,
-                              log=log, folder=folder)
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", image=image, example=exact[0], expected=expected,
+                              server=server, log=log)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -151,3 +154,12 @@ def test_two_visitors_at_once_are_queued_and_both_answered(served, browser):
     for page in pages:
         read(page, served.image)
     assert [answer(page) for page in pages] == [served.expected] * 2
+
+
+@pytest.mark.slow
+def test_an_example_from_the_val_set_reads_as_its_file_does(served, browser):
+    page = open_page(browser, served)
+    page.locator("button.gallery-item").nth(served.example).click()
+    page.wait_for_selector('#formula-image img')
+    page.click("#read")
+    assert answer(page) == served.expected
