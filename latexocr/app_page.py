@@ -22,6 +22,7 @@ from latexocr import data, render
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 try:
     import gradio as gr
+    from gradio.data_classes import ImageData
 except ImportError:
     raise SystemExit("app.py needs Gradio, which requirements.txt pins: pip install -r requirements.txt") from None
 
@@ -34,21 +35,21 @@ def refusal(message: str) -> gr.Error:
     return gr.Error(html.escape(message), print_exception=False)
 
 
-class FormulaImage(gr.Image):
-    """gr.Image whose upload that Pillow cannot open becomes a message on the page, not Gradio's bare "Error"."""
-
-    is_template = True  # the browser draws it as a plain gr.Image
-
-    def preprocess(self, payload):
-        try:
-            return super().preprocess(payload)
-        except Image.DecompressionBombError as error:
-            raise refusal(f"{payload.orig_name or 'the file'} is too large to open ({error}): "
-                          "crop it to the formula or scale it down.") from None
-        except (OSError, ValueError) as error:
-            # The error's own text names the upload's path on the server; the user knows the file by its own name.
-            raise refusal(f"{payload.orig_name or 'the file'} is not an image ({type(error).__name__}): "
-                          f"upload {READABLE}.") from None
+def uploaded_image(component: gr.Image, payload: dict | None) -> Image.Image | None:
+    """The upload as `component` hands it over (a file Gradio has checked lies in its upload folder), or a refusal
+    that says why it is not an image. Gradio's own preprocessing would answer a bare "Error" and log a traceback."""
+    if payload is None:
+        return None
+    upload = ImageData.model_validate(payload)
+    try:
+        return component.preprocess(upload)
+    except Image.DecompressionBombError as error:
+        raise refusal(f"{upload.orig_name or 'the file'} is too large to open ({error}): "
+                      "crop it to the formula or scale it down.") from None
+    except (OSError, ValueError) as error:
+        # The error's own text names the upload's path on the server; the user knows the file by its own name.
+        raise refusal(f"{upload.orig_name or 'the file'} is not an image ({type(error).__name__}): "
+                      f"upload {READABLE}.") from None
 
 
 def example_images(train_config: dict, count: int) -> list[Path]:
@@ -91,9 +92,9 @@ def read_formula(image: Image.Image | None, predict: Callable[[Image.Image], str
 
 def build(run, examples: list[Path], max_new_tokens: int, max_image_pixels: int) -> gr.Blocks:
     """The page for `run` (predictor.Predictor: .predict and .description), offering `examples` to try."""
-    def read(image):
-        return read_formula(image, lambda im: run.predict([im], 1, max_new_tokens, show_progress=False)[0],
-                            max_image_pixels)
+    def read(payload):
+        return read_formula(uploaded_image(image, payload),
+                            lambda im: run.predict([im], 1, max_new_tokens, show_progress=False)[0], max_image_pixels)
 
     with gr.Blocks(title="LaTeX OCR", analytics_enabled=False) as page:
         gr.Markdown("# LaTeX OCR\nUpload, drag or paste a picture of a formula. The model writes its LaTeX, and the "
@@ -102,8 +103,8 @@ def build(run, examples: list[Path], max_new_tokens: int, max_image_pixels: int)
         with gr.Row(equal_height=True):
             # image_mode=None hands the image over as uploaded: load_image flattens transparency onto white.
             # format: the examples reach the browser, and come back, as lossless PNG rather than Gradio's WebP.
-            image = FormulaImage(label="Formula image", type="pil", image_mode=None, format="png",
-                                 sources=["upload", "clipboard"], elem_id="formula-image")
+            image = gr.Image(label="Formula image", type="pil", image_mode=None, format="png",
+                             sources=["upload", "clipboard"], elem_id="formula-image")
             rendered = gr.Image(label="The LaTeX, rendered", type="pil", format="png", interactive=False,
                                 buttons=["download", "fullscreen"], elem_id="rendered")
         button = gr.Button("Read formula", variant="primary", elem_id="read")
@@ -111,7 +112,8 @@ def build(run, examples: list[Path], max_new_tokens: int, max_image_pixels: int)
         status = gr.HTML(elem_id="status")
         if examples:
             gr.Examples([[Image.open(path)] for path in examples], inputs=[image], label="Examples from the val set")
-        button.click(read, inputs=[image], outputs=[latex, rendered, status], concurrency_limit=1)
+        # preprocess=False: read opens the upload itself, to answer a file that is no image with a message.
+        button.click(read, inputs=[image], outputs=[latex, rendered, status], preprocess=False, concurrency_limit=1)
     return page
 
 

@@ -6,7 +6,6 @@ from types import SimpleNamespace
 
 import gradio as gr
 import pytest
-from gradio.data_classes import ImageData
 from PIL import Image
 
 from latexocr import app_page
@@ -69,15 +68,16 @@ def test_an_image_cut_short_is_refused(tmp_path):
         app_page.read_formula(cut, never_called, LIMIT)
 
 
-def upload(path, name):
-    """What the browser's upload becomes on the server: a file in Gradio's cache, with the user's file name."""
-    return ImageData(path=str(path), orig_name=name)
+def uploaded(path, name):
+    """An upload as the page's button hands it over: a file in Gradio's upload folder, with the user's file name."""
+    component = gr.Image(type="pil", image_mode=None)
+    return app_page.uploaded_image(component, dict(path=str(path), orig_name=name, meta={"_type": "gradio.FileData"}))
 
 
 def test_an_upload_that_is_not_an_image_is_named_by_the_users_file_name(tmp_path):
     (tmp_path / "cached.png").write_text("not an image")
     with pytest.raises(gr.Error) as refused:
-        app_page.FormulaImage(type="pil", image_mode=None).preprocess(upload(tmp_path / "cached.png", "notes.png"))
+        uploaded(tmp_path / "cached.png", "notes.png")
     assert "notes.png is not an image (UnidentifiedImageError): upload a PNG" in refused.value.message
     assert str(tmp_path) not in refused.value.message  # where the server keeps uploads is none of the user's business
 
@@ -86,13 +86,14 @@ def test_a_decompression_bomb_is_refused_as_too_large(tmp_path, monkeypatch):
     Image.new("1", (100, 100)).save(tmp_path / "cached.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses twice this: the bomb is 10,000 px
     with pytest.raises(gr.Error, match="big.png is too large to open"):
-        app_page.FormulaImage(type="pil", image_mode=None).preprocess(upload(tmp_path / "cached.png", "big.png"))
+        uploaded(tmp_path / "cached.png", "big.png")
 
 
 def test_an_upload_reaches_the_model_as_it_was_with_its_transparency(tmp_path):
     Image.new("RGBA", (120, 40), (0, 0, 0, 0)).save(tmp_path / "cached.png")
-    image = app_page.FormulaImage(type="pil", image_mode=None).preprocess(upload(tmp_path / "cached.png", "a.png"))
-    assert image.mode == "RGBA"  # chat.load_image puts it on white; Gradio's own RGB would make it black
+    image = uploaded(tmp_path / "cached.png", "a.png")
+    assert image.mode == "RGBA" and image.size == (120, 40)  # load_image puts it on white; Gradio's RGB makes black
+    assert app_page.uploaded_image(gr.Image(type="pil"), None) is None  # nothing uploaded: read_formula says so
 
 
 def val_set(folder, n):
