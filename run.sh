@@ -49,6 +49,7 @@ demo)
     echo "barely trained, so its scores are near zero: the demo shows that every step runs."
     echo "metrics: demo/output/Qwen2-VL-2B-LatexOCR/infer/metrics.json"
     echo "report:  demo/output/Qwen2-VL-2B-LatexOCR/infer/report.html (open it in a browser)"
+    echo "page:    python app.py --output_dir=demo/output/Qwen2-VL-2B-LatexOCR, then open http://127.0.0.1:7860"
     ;;
 test)
     setup

@@ -94,6 +94,19 @@ def pixel_size(name, value):
     return value
 
 
+def listen_address(name, value):
+    """A host name or IP address for a server to listen on."""
+    if not value.strip() or any(c.isspace() for c in value):
+        _stop(name, value, "expected an address to listen on, e.g. 127.0.0.1 (this machine) or 0.0.0.0 (every network)")
+    return value
+
+
+def tcp_port(name, value):
+    if not 0 < value < 65536:
+        _stop(name, value, "expected a TCP port from 1 to 65535, e.g. 7860")
+    return value
+
+
 def module_names(name, value):
     """Comma-separated module names, at least one."""
     if not [m for m in value.split(",") if m.strip()]:
@@ -133,3 +146,5 @@ INFER = dict(results_dir=optional(output_folder), batch_size=positive, max_new_t
              device=DEVICE)
 EXPORT = dict(export_dir=optional(output_folder), dtype=one_of("auto", "bfloat16", "float16", "float32"),
               device=DEVICE, max_shard_size=shard_size)
+APP = dict(host=listen_address, port=tcp_port, precision=optional(PRECISION), max_new_tokens=positive, device=DEVICE,
+           examples=at_least_zero, max_image_pixels=positive)
