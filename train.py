@@ -37,6 +37,7 @@ MICRO_BATCH_SIZE = 0  # samples per forward pass; 0 = the most that fit in GPU m
 MAX_TOKENS_PER_FORWARD = 0  # a batch with more (padded) tokens is split into forward passes; 0 = from the probe
 LEARNING_RATE = 1e-4
 LR_SCHEDULER_TYPE = "linear"  # linear (decay to 0) | constant | cosine | ...
+WARMUP_STEPS = 0  # optimizer steps of linear warm-up from 0 to LEARNING_RATE (training from scratch wants some)
 NUM_TRAIN_EPOCHS = 2
 MAX_STEPS = -1  # optimizer steps; -1 = run NUM_TRAIN_EPOCHS
 FAST = True  # the speed-ups below; false = the stock Trainer and the model's own loss (the reference; slower)
@@ -46,6 +47,7 @@ CUDA_GRAPHS = "auto"  # auto (one GPU, no checkpointing) | true | false: each st
 VISION_CACHE_GIB = 8.0  # RAM for the frozen vision tower's outputs, computed once per image for all epochs; 0 = never
 LOGGING_STEPS = 10  # optimizer steps between progress lines
 SAVE_STEPS = 100  # optimizer steps between checkpoints
+KEEP_CHECKPOINTS = 2  # the newest checkpoints kept; older ones are deleted as new ones are saved
 NUM_WORKERS = min(4, os.cpu_count() or 1)  # DataLoader processes that open and size images
 SEED = 42
 RESUME = True  # continue from the newest complete checkpoint in OUTPUT_DIR when the settings match
@@ -171,7 +173,8 @@ if resume.finished:  # the weights as the checkpoint holds them, saved and score
 else:
     args = training_arguments(OUTPUT_DIR, plan, on_gpu, DISTRIBUTED, learning_rate=LEARNING_RATE,
                               lr_scheduler_type=LR_SCHEDULER_TYPE, num_train_epochs=NUM_TRAIN_EPOCHS,
-                              max_steps=MAX_STEPS, logging_steps=LOGGING_STEPS, save_steps=SAVE_STEPS, seed=SEED,
+                              max_steps=MAX_STEPS, warmup_steps=WARMUP_STEPS, logging_steps=LOGGING_STEPS,
+                              save_steps=SAVE_STEPS, keep_checkpoints=KEEP_CHECKPOINTS, seed=SEED,
                               num_workers=NUM_WORKERS)
     progress = ProgressLine(plan.step_graphs)
     common = dict(model=model, args=args, train_dataset=train_samples, data_collator=plan.batches,
@@ -215,7 +218,7 @@ elif processes.main:
                    **runtime.peak_memory(on_gpu), train_loss=result.training_loss, fast=FAST,
                    processes=processes.world_size, resumed_from_step=checkpoints.step_of(resume.checkpoint)
                    if resume.checkpoint else 0,
-                   process_s=timings.record())
+                   process_s=timings.record(), curve=progress.curve)
     data.atomic_write_text(Path(OUTPUT_DIR) / "train_results.json", json.dumps(results, indent=1) + "\n")
     print(f"saved: {saved} and processor in {OUTPUT_DIR} (train loss {result.training_loss:.4f}, "
           f"{result.metrics['train_runtime']:.0f} s, {results['steady_samples_per_s']:.1f} samples/s"

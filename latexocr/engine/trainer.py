@@ -14,14 +14,16 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # DeepSpeed's configu
 
 
 def training_arguments(output_dir: str, plan, on_gpu: bool, distributed: str, *, learning_rate: float,
-                       lr_scheduler_type: str, num_train_epochs: float, max_steps: int, logging_steps: int,
-                       save_steps: int, seed: int, num_workers: int) -> TrainingArguments:
+                       lr_scheduler_type: str, num_train_epochs: float, max_steps: int, warmup_steps: int,
+                       logging_steps: int, save_steps: int, keep_checkpoints: int, seed: int,
+                       num_workers: int) -> TrainingArguments:
     fsdp = distributed == "fsdp"
     return TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=plan.micro_batch,
         gradient_accumulation_steps=plan.accumulation, learning_rate=learning_rate,
         lr_scheduler_type=lr_scheduler_type, num_train_epochs=num_train_epochs, max_steps=max_steps,
-        logging_steps=logging_steps, logging_first_step=True, save_steps=save_steps, save_total_limit=2, seed=seed,
+        warmup_steps=warmup_steps, logging_steps=logging_steps, logging_first_step=True, save_steps=save_steps,
+        save_total_limit=keep_checkpoints, seed=seed,
         data_seed=seed, bf16=on_gpu, use_cpu=not on_gpu, optim="adamw_torch_fused" if on_gpu else "adamw_torch",
         activation_checkpointing=plan.checkpointing and not fsdp,
         activation_checkpointing_kwargs={"use_reentrant": False} if plan.checkpointing and not fsdp else None,
@@ -105,10 +107,12 @@ class ProgressLine(ProgressCallback):
         super().__init__()
         self.step_graphs = step_graphs
         self.step_ends, self.capture_s = [], []
+        self.curve = []  # per logged step: step, seconds since training began, loss, learning rate
 
     def on_train_begin(self, args, state, control, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
-        self.last_time, self.last_step = time.perf_counter(), state.global_step
+        self.began = self.last_time = time.perf_counter()
+        self.last_step = state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):
         super().on_step_end(args, state, control, **kwargs)
@@ -123,6 +127,8 @@ class ProgressLine(ProgressCallback):
             args.gradient_accumulation_steps * args.world_size
         speed = samples / max(now - self.last_time, 1e-9)
         self.last_time, self.last_step = now, state.global_step
+        self.curve.append(dict(step=state.global_step, seconds=now - self.began, loss=logs["loss"],
+                               learning_rate=logs.get("learning_rate", 0.0)))
         memory = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_initialized() else ""
         tqdm.write(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
                    f"grad_norm {logs.get('grad_norm', float('nan')):.3f} | lr {logs.get('learning_rate', 0):.2e} | "
