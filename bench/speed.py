@@ -42,9 +42,10 @@ config = apply_overrides(globals())
 
 import torch  # noqa: E402
 
+from bench import workload  # noqa: E402
 from bench.tutorial_recipe import predict_tutorial, train_tutorial  # noqa: E402
-from latexocr import chat, modeling, render, tiny  # noqa: E402
-from latexocr.data import Sample, read_conversations, write_conversations  # noqa: E402
+from latexocr import chat, modeling  # noqa: E402
+from latexocr.data import Sample, read_conversations  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
 PEAK_FLOPS = 790e12  # H200 dense bf16
@@ -109,35 +110,8 @@ results["environment"] = dict(device=torch.cuda.get_device_name() if on_gpu else
                               peft=__import__("peft").__version__, samples=SAMPLES)
 
 # --- model and data ----------------------------------------------------------
-if TINY:
-    model_dir = modeling.resolve_model(modeling.TINY_MODEL_ID)
-else:
-    model_dir = results_dir / "qwen2-vl-2b-random"
-    if not (model_dir / "config.json").is_file():
-        print("building Qwen2-VL-2B with random weights (bf16, on the GPU)")
-        tiny.build_model_folder(model_dir, tiny.QWEN2_VL_2B_DIMENSIONS, dtype=torch.bfloat16, device="cuda")
-train_json = results_dir / "train.json"
-if not train_json.is_file():
-    if Path(FORMULAS_PATH).is_file():
-        formulas = Path(FORMULAS_PATH).read_text().splitlines()
-    else:
-        from latexocr.synth import synthetic_texts
-        formulas = list(zip(range(2 * SAMPLES), synthetic_texts(0)))
-        formulas = [text for _, text in formulas]
-    image_dir = results_dir / "images"
-    image_dir.mkdir(exist_ok=True)
-    samples = []
-    for text in formulas:
-        try:
-            image = render.render_mathtext(text)
-        except ValueError:
-            continue  # about 5% of real formulas are beyond mathtext
-        path = image_dir / f"{len(samples)}.png"
-        image.save(path)
-        samples.append((path, text))
-        if len(samples) == SAMPLES:
-            break
-    write_conversations(train_json, samples)
+model_dir = workload.model_folder(results_dir, TINY)
+train_json = workload.train_json(results_dir, SAMPLES, FORMULAS_PATH)
 samples = [(s.image, s.text) for s in read_conversations(train_json)]
 print(f"data: {len(samples)} samples in {train_json}")
 processor = AutoProcessor.from_pretrained(model_dir)
