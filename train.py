@@ -208,7 +208,8 @@ elif processes.main:
                    split_batches=getattr(trainer, "split_batches", 0),
                    cuda_graphs=plan.step_graphs.captures if plan.step_graphs else 0,
                    cuda_graph_capture_s=plan.step_graphs.capture_s if plan.step_graphs else 0.0,
-                   **runtime.peak_memory(on_gpu), train_loss=result.training_loss, fast=FAST,
+                   **runtime.peak_memory(on_gpu), train_loss=result.training_loss,
+                   losses=[entry["loss"] for entry in trainer.state.log_history if "loss" in entry], fast=FAST,
                    process_s=timings.record())
     data.atomic_write_text(Path(OUTPUT_DIR) / "train_results.json", json.dumps(results, indent=1) + "\n")
     print(f"saved: {saved} and processor in {OUTPUT_DIR} (train loss {result.training_loss:.4f}, "
