@@ -8,48 +8,52 @@ train.py runs with --image_size=500x100; each peer reads those very images, alre
 every tool makes the same 72 image tokens of them and resizes nothing), written in its own data format. Each peer
 runs in its own process as its users run it, with the settings below, its fastest that run on an H200 without
 flash-attn and without network. A peer that cannot run is a row that says why (the exception it ended with).
+On a GPU a short train.py run goes first, unmeasured: on a freshly started machine the first training process ran
+at half speed, whichever it was.
 
 Per peer, what runs, and why these are its fastest settings:
 - trl: bench/peer_runs/trl_sft.py, TRL's examples/scripts/sft_vlm.py shape (TrlParser over a YAML of
   ScriptArguments, SFTConfig and ModelConfig; SFTTrainer with peft_config). Data: a datasets.Dataset of images
   (Sequence(Image()) over the paths), prompt (the user turn: image + text) and completion (the assistant turn),
-  TRL's prompt-completion format, so the collator masks the prompt. batch 16 x 1, sdpa, bf16,
+  TRL's prompt-completion format, so the collator masks the prompt. Batch 16 x 1, sdpa, bf16,
   gradient_checkpointing=False (TRL's default is on). No packing or padding-free: TRL refuses both for images.
-  use_liger_kernel is left off: with liger-kernel 0.8.5 it fails at import (cannot import
-  LigerQwen2VLCausalLMOutputWithPast); TRL's Hub kernels (use_kernels) need the network.
-- swift: `python -m swift.cli.main sft swift.yaml`, the same as `swift sft swift.yaml`. Data: JSONL of
-  {"messages": [user "<image>prompt", assistant latex], "images": [path]}. --model DIR --check_model false
-  (offline), --tuner_type lora, the LoRA above as --target_modules (ms-swift's all-linear with --freeze_vit and
-  --freeze_aligner hits the same 196 modules), --attn_impl sdpa, batch 16 x 1, --gradient_checkpointing false,
-  --add_version false. Its --packing and --padding_free refuse any attention but flash-attn, so they are off.
-  The step clock goes in through ms-swift's documented plugin route (--external_plugins, --callbacks).
+  No use_liger_kernel: liger-kernel 0.8.5's Qwen2-VL patch imports Qwen2VLCausalLMOutputWithPast, which
+  transformers 5.23 no longer has, so it fails at import; TRL's Hub kernels (use_kernels) need the network.
+- swift: `python -m swift.cli.main sft swift.yaml`, which is `swift sft swift.yaml`. Data: JSONL of
+  {"messages": [user "<image>prompt", assistant latex], "images": [path]}. model DIR with check_model false
+  (offline), tuner_type lora, the LoRA above as target_modules (ms-swift's all-linear with freeze_vit and
+  freeze_aligner hits the same modules), attn_impl sdpa, batch 16 x 1, gradient_checkpointing false (its default
+  is on), use_liger_kernel (PEER_LIGER; its transformers 5.17 still has what Liger patches). Its packing and
+  padding_free refuse any attention but flash-attn, so they are off. The step clock goes in through ms-swift's
+  documented plugin route (external_plugins, callbacks).
 - llamafactory: bench/peer_runs/llamafactory_train.py calls llamafactory.train.tuner.run_exp on the YAML, which
   is what `llamafactory-cli train llamafactory.yaml` does, plus the step clock as a callback. Data: sharegpt JSON
   with "<image>" in the user turn, registered in dataset_info.json. finetuning_type lora, template qwen2_vl,
-  freeze_vision_tower and freeze_multi_modal_projector, flash_attn sdpa, enable_liger_kernel (its own Liger
-  patching), disable_gradient_checkpointing, batch 16 x 1, lora_dropout set to 0.05 (its default is 0). No
-  neat_packing: packed rows hold a number of tokens, not 16 samples, so the effective batch would change.
+  freeze_vision_tower and freeze_multi_modal_projector, flash_attn sdpa, enable_liger_kernel (PEER_LIGER),
+  disable_gradient_checkpointing (its default is on), batch 16 x 1, lora_dropout set to 0.05 (its default is 0).
+  No neat_packing: a packed row holds up to cutoff_len tokens, not one sample, so the effective batch would no
+  longer be 16 samples.
 - unsloth: bench/peer_runs/unsloth_sft.py, the shape of Unsloth's Qwen2-VL notebooks: FastVisionModel in 16 bit
-  (load_in_4bit=False: 4-bit is slower, and a different model), get_peft_model on the language layers only,
+  (load_in_4bit=False: its 4-bit default is another, slower model), get_peft_model on the language layers only,
   use_gradient_checkpointing=False (its default is its own "unsloth" checkpointing), TRL's SFTTrainer with
-  UnslothVisionDataCollator(resize="max": images as they are, not to 512 px; train_on_responses_only). Data:
-  JSONL of {"messages": [...], "images": [path]}, the images opened into the conversation as Unsloth's notebooks
-  do. dropout stays 0.05 as everywhere, though Unsloth's fast LoRA path needs 0.
+  UnslothVisionDataCollator(resize="max": images as they are, not shrunk to 512 px; train_on_responses_only).
+  Data: JSONL of {"messages": [...], "images": [path]}, each image opened into its user turn as the notebooks
+  do. Dropout stays 0.05 as in every row, though Unsloth's fastest LoRA path wants 0.
 
 Measured per row: samples/s over the steps after the first WARMUP_STEPS (train.py's own steady rate leaves out
 its first step only, so its row includes the steps that capture its CUDA graphs; every step counts as 16
-samples, as train.py counts them, though an epoch of 996 ends with a step of 4); the wall time from the command
-to the adapter file written; peak GPU memory allocated and reserved during training; the first logged losses
-(every LOGGING_STEPS steps) and the adapter's parameter count (73,859,072 for the 2B shape when the LoRA is the
-same). The step times come from bench/peer_runs/step_clock.py, a callback inside the peer's process.
+samples, as train.py counts them, though each epoch of 996 ends with a step of 4); the wall time from the command
+to the adapter file written; peak GPU memory allocated and reserved during training; the logged losses (every
+LOGGING_STEPS steps) and the adapter's parameter count (73,859,072 for the 2B shape when the LoRA is the same).
+A peer's step times come from bench/peer_runs/step_clock.py, a callback inside its process.
 
 Each peer pins other versions than train.py (bench/peer_wheels.sh lists them): pip install each peer's into its
-own folder, PEER_SITES/PEER, which goes first on that peer's PYTHONPATH only, so train.py and the peer each import
-their own versions in one run.
+own folder, PEER_SITES/PEER, which goes first on that peer's PYTHONPATH only, so that train.py and the peer each
+import their own versions in one run.
 
 Reads:  ../shared/data/latex_ocr_val_formulas.txt when present (else synthetic formulas)
 Writes: bench_results/peers.json (every row, merged with earlier runs' rows), bench_results/peers.md (the table),
-        bench_results/peers/NAME/ (each row's configuration, log.txt, adapter, clock.json)
+        bench_results/peers/NAME/ (each row's configuration, log.txt, clock.json, and the tool's output/)
 Run:    python bench/peers.py --peers=trl --peer_sites=/tmp/peers     (a CUDA GPU; docs/peers.md: wheels, commands)
         python bench/peers.py --tiny=true --peers=trl                 (CPU, the tiny model, 3 steps a row)
 """
@@ -188,6 +192,16 @@ def precision() -> dict:
     return dict(bf16=True) if on_gpu else dict(bf16=False, use_cpu=True)
 
 
+def train_py_command(row_dir: Path, max_steps: int) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), f"--model_id={model_dir}", f"--train_json_path={train_json}",
+            "--val_json_path=", f"--output_dir={row_dir / 'output'}", f"--image_size={IMAGE_SIZE}",
+            f"--lora_rank={LORA_RANK}", f"--lora_alpha={LORA_ALPHA}", f"--lora_dropout={LORA_DROPOUT}",
+            f"--lora_target_modules={LORA_TARGET_MODULES}", f"--batch_size={BATCH_SIZE}",
+            f"--learning_rate={LEARNING_RATE}", f"--num_train_epochs={EPOCHS}", f"--max_steps={max_steps or -1}",
+            f"--max_length={MAX_LENGTH}", f"--logging_steps={LOGGING_STEPS}", f"--num_workers={NUM_WORKERS}",
+            "--save_steps=1000000", "--resume=false", "--swanlab_mode=disabled", *([] if on_gpu else ["--device=cpu"])]
+
+
 def trl_command(row_dir: Path) -> list[str]:
     settings = dict(dataset_name=str(peer_data / "trl"), model_name_or_path=str(model_dir),
                     dtype="bfloat16" if on_gpu else "float32", attn_implementation="sdpa", use_peft=True,
@@ -303,20 +317,16 @@ for name, records in formats.items():
 
 # --- work ----------------------------------------------------------------------
 rows_dir = results_dir / "peers"
+if on_gpu:  # the first training process on a freshly started machine ran at half speed: warm up, unmeasured
+    shutil.rmtree(rows_dir / "warmup", ignore_errors=True)
+    (rows_dir / "warmup").mkdir(parents=True)
+    run_row("warm-up", train_py_command(rows_dir / "warmup", 5), rows_dir / "warmup")
 for name in ["train.py", *peers]:
     row_dir = rows_dir / name
     shutil.rmtree(row_dir, ignore_errors=True)
     row_dir.mkdir(parents=True)
     if name == "train.py":
-        command = [sys.executable, str(ROOT / "train.py"), f"--model_id={model_dir}", f"--train_json_path={train_json}",
-                   "--val_json_path=", f"--output_dir={row_dir / 'output'}", f"--image_size={IMAGE_SIZE}",
-                   f"--lora_rank={LORA_RANK}", f"--lora_alpha={LORA_ALPHA}", f"--lora_dropout={LORA_DROPOUT}",
-                   f"--lora_target_modules={LORA_TARGET_MODULES}", f"--batch_size={BATCH_SIZE}",
-                   f"--learning_rate={LEARNING_RATE}", f"--num_train_epochs={EPOCHS}", f"--max_steps={MAX_STEPS or -1}",
-                   f"--max_length={MAX_LENGTH}", f"--logging_steps={LOGGING_STEPS}", f"--num_workers={NUM_WORKERS}",
-                   "--save_steps=1000000", "--resume=false", "--swanlab_mode=disabled",
-                   *([] if on_gpu else ["--device=cpu"])]
-        row = run_row(name, command, row_dir)
+        row = run_row(name, train_py_command(row_dir, MAX_STEPS), row_dir)
         if "failed" not in row:
             trained = json.loads((row_dir / "output" / "train_results.json").read_text())
             row.update(steps=trained["steps"], samples_per_s=trained["steady_samples_per_s"],

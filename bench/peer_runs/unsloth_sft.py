@@ -51,7 +51,7 @@ training_args.dataset_text_field = ""
 training_args.dataset_kwargs = {"skip_prepare_dataset": True}
 collator = UnslothVisionDataCollator(model, processor, resize="max", train_on_responses_only=True,
                                      instruction_part="<|im_start|>user\n", response_part="<|im_start|>assistant\n")
-trainer = SFTTrainer(model=model, processing_class=processor.tokenizer, data_collator=collator, args=training_args,
+trainer = SFTTrainer(model=model, processing_class=processor, data_collator=collator, args=training_args,
                      train_dataset=conversations, callbacks=[StepClock()])
 trainer.train()
 model.save_pretrained(training_args.output_dir)
