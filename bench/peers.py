@@ -77,7 +77,7 @@ PEERS = "trl"  # comma-separated, each run after train.py: trl | swift | llamafa
 SAMPLES = 996  # training samples (the tutorial's 1000 minus its 4 val)
 EPOCHS = 2
 MAX_STEPS = 0  # optimizer steps per row; 0 = EPOCHS whole epochs
-WARMUP_STEPS = 5  # a peer's first optimizer steps, left out of its steady samples/s
+WARMUP_STEPS = 5  # a peer's first optimizer steps, left out of its steady samples/s (1 at least)
 BATCH_SIZE = 16  # samples per optimizer step, every row (one micro-batch of 16 for each peer)
 LEARNING_RATE = 1e-4  # every row, decaying linearly to 0, no warm-up
 LORA_RANK = 64
@@ -164,10 +164,11 @@ def peer_row(name: str, command: list[str], row_dir: Path) -> dict:
         return dict(row, failed="the step clock wrote nothing: the callback did not reach the peer's Trainer")
     clock = json.loads(clock_path.read_text())
     ends = clock["step_ends_s"]
-    warmup = min(WARMUP_STEPS, len(ends) - 1)
-    steady_s = ends[-1] - ends[warmup - 1] if warmup else ends[-1]
+    if len(ends) < 2:
+        return dict(row, failed=f"{len(ends)} optimizer steps ran: a steady rate needs 2 or more")
+    warmup = min(max(WARMUP_STEPS, 1), len(ends) - 1)  # the steady steps start at the end of the warm-up's last
     return dict(row, steps=len(ends), steady_steps=len(ends) - warmup,
-                samples_per_s=(len(ends) - warmup) * clock["batch_size"] / steady_s if steady_s > 0 else float("nan"),
+                samples_per_s=(len(ends) - warmup) * clock["batch_size"] / (ends[-1] - ends[warmup - 1]),
                 startup_s=clock["train_begin_wall"] - row["started_wall"],
                 training_s=clock["train_end_wall"] - clock["train_begin_wall"],
                 peak_allocated_gib=clock["peak_allocated_gib"], peak_reserved_gib=clock["peak_reserved_gib"],
