@@ -1,9 +1,8 @@
 """Speed and memory of train.py and infer.py against the tutorial recipe, side by side, in one run.
 
-Both train the same Qwen2-VL-2B shape (random weights: compute and memory do not depend on the values;
-Qwen2-VL's real vocabulary, so answers are as many tokens long as for the real model) with the same
-LoRA, the same effective batch of 16 and the same samples, rendered from real LaTeX_OCR formulas.
-Rows: the tutorial recipe; train.py at the tutorial's image size (the same work, for the ratio);
+Both train the same Qwen2-VL-2B shape (random weights: compute and memory do not depend on the values)
+with the same LoRA, the same effective batch of 16 and the same samples, rendered from real LaTeX_OCR
+formulas. Rows: the tutorial recipe; train.py at the tutorial's image size (the same work, for the ratio);
 train.py with its own defaults; the same with --torch_compile=true; the defaults capped to 24 and
 12 GiB of GPU memory. A short train.py run goes first, unmeasured: on a freshly started machine the first
 training process ran at half speed, whichever it was. Then generation: the tutorial's one-image loop
@@ -44,9 +43,10 @@ config = apply_overrides(globals())
 
 import torch  # noqa: E402
 
+from bench import workload  # noqa: E402
 from bench.tutorial_recipe import predict_tutorial, train_tutorial  # noqa: E402
-from latexocr import chat, modeling, render, tiny  # noqa: E402
-from latexocr.data import Sample, read_conversations, write_conversations  # noqa: E402
+from latexocr import chat, modeling  # noqa: E402
+from latexocr.data import Sample, read_conversations  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
 PEAK_FLOPS = 790e12  # H200 dense bf16
@@ -111,36 +111,8 @@ results["environment"] = dict(device=torch.cuda.get_device_name() if on_gpu else
                               peft=__import__("peft").__version__, samples=SAMPLES)
 
 # --- model and data ----------------------------------------------------------
-if TINY:
-    model_dir = modeling.resolve_model(modeling.TINY_MODEL_ID)
-else:
-    model_dir = results_dir / f"qwen2-vl-2b-random-{TOKENIZER}"  # one per tokenizer: the other's is never reused
-    if not (model_dir / "config.json").is_file():
-        print(f"building Qwen2-VL-2B with random weights (bf16, on the GPU) and the {TOKENIZER} tokenizer")
-        tiny.build_model_folder(model_dir, tiny.QWEN2_VL_2B_DIMENSIONS, dtype=torch.bfloat16, device="cuda",
-                                tokenizer=TOKENIZER)
-train_json = results_dir / "train.json"
-if not train_json.is_file():
-    if Path(FORMULAS_PATH).is_file():
-        formulas = Path(FORMULAS_PATH).read_text().splitlines()
-    else:
-        from latexocr.synth import synthetic_texts
-        formulas = list(zip(range(2 * SAMPLES), synthetic_texts(0)))
-        formulas = [text for _, text in formulas]
-    image_dir = results_dir / "images"
-    image_dir.mkdir(exist_ok=True)
-    samples = []
-    for text in formulas:
-        try:
-            image = render.render_mathtext(text)
-        except ValueError:
-            continue  # about 5% of real formulas are beyond mathtext
-        path = image_dir / f"{len(samples)}.png"
-        image.save(path)
-        samples.append((path, text))
-        if len(samples) == SAMPLES:
-            break
-    write_conversations(train_json, samples)
+model_dir = workload.model_folder(results_dir, TINY, TOKENIZER)
+train_json = workload.train_json(results_dir, SAMPLES, FORMULAS_PATH)
 samples = [(s.image, s.text) for s in read_conversations(train_json)]
 print(f"data: {len(samples)} samples in {train_json}")
 processor = AutoProcessor.from_pretrained(model_dir)

@@ -1,5 +1,6 @@
 """The speed benchmark in its CPU smoke mode, so that it never rots. No timing is asserted."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -52,3 +53,21 @@ def test_layer_benchmark_rows_compute_the_same_output(tmp_path):
                      "+ Liger RMSNorm and SwiGLU (GPU only)", "no LoRA, the model's own code"]
     assert all(float(row[1]) > 0 for row in rows[1:])
     assert [row[3].strip(" |") for row in rows[1:-1]] == ["yes"] * 4  # every fused row computes the first row's output
+
+
+def test_peer_benchmark_smoke_run_measures_train_py_and_trl(tmp_path):
+    if importlib.util.find_spec("trl") is None:
+        pytest.skip("TRL is not installed here (the project does not need it): to run this test, pip install "
+                    "trl==1.16.0 into a folder and put it on PYTHONPATH (docs/peers.md)")
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "peers.py"), "--tiny=true", "--peers=trl",
+                             f"--results_dir={tmp_path}"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "peers.json").read_text())["rows"]
+    for name in ("train.py", "trl"):
+        row = rows[name]
+        assert "failed" not in row, row["failed"]
+        assert row["samples_per_s"] > 0 and row["wall_to_adapter_s"] > 0
+        assert row["losses"] and all(loss > 0 for loss in row["losses"])
+    assert rows["trl"]["adapter_parameters"] == rows["train.py"]["adapter_parameters"]  # the same LoRA
+    assert rows["trl"]["train_py_samples_per_s"] == rows["train.py"]["samples_per_s"]  # the ratio's own train.py
+    assert "| trl |" in (tmp_path / "peers.md").read_text()
