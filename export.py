@@ -41,7 +41,8 @@ export_dir = Path(EXPORT_DIR or f"{Path(OUTPUT_DIR)}-merged")
 if not config_path.is_file():
     raise SystemExit(f"{config_path} not found: {OUTPUT_DIR} is not a folder written by train.py. "
                      "Train first, or pass --output_dir=<train.py's output_dir>.")
-if not (adapter_dir / "adapter_model.safetensors").is_file():
+whole = (Path(OUTPUT_DIR) / "config.json").is_file() and not ADAPTER  # a --tuner=full run: nothing to merge
+if not whole and not (adapter_dir / "adapter_model.safetensors").is_file():
     raise SystemExit(f"{adapter_dir}: no adapter_model.safetensors to merge. Train first, or pass --adapter=<folder>.")
 if DTYPE != "auto" and DTYPE not in DTYPES:
     raise SystemExit(f"--dtype={DTYPE}: expected auto, {', '.join(DTYPES)}.")
@@ -54,11 +55,12 @@ dtype = DTYPES[DTYPE] if DTYPE != "auto" else torch.bfloat16 if device.startswit
 # --- model -------------------------------------------------------------------
 from transformers import AutoProcessor  # noqa: E402
 
-model_id = MODEL_ID or train_config["model_id"]
-model, _ = modeling.load_base_model(modeling.resolve_model(model_id), device)
-model = modeling.load_adapter(model, adapter_dir, model_id)
+model_id = OUTPUT_DIR if whole else MODEL_ID or train_config["model_id"]
+model, _ = modeling.load_base_model(modeling.resolve_model(model_id), device, dtype=torch.float32 if whole else None)
+if not whole:
+    model = modeling.load_adapter(model, adapter_dir, model_id)
 # W + (alpha / r) * B @ A in every adapted layer: the same function, with no adapter left to run.
-merged = model.merge_and_unload().to(dtype)
+merged = model.to(dtype) if whole else model.merge_and_unload().to(dtype)
 processor = AutoProcessor.from_pretrained(adapter_dir)  # train.py saved the processor it trained with
 if "min_pixels" in image_sizing:
     # The processor then sizes raw images as training did, for any program that uses it (transformers, vLLM).
@@ -67,7 +69,8 @@ if "min_pixels" in image_sizing:
 else:
     print(f"note: training resized every image to exactly {train_config['image_size']} px (HxW); "
           "clients of the merged model must resize images so too")
-print(f"model: {model_id} + adapter {adapter_dir}, merged on {device}, saving as {str(dtype).split('.')[-1]}")
+print(f"model: {model_id}" + (" (trained whole)" if whole else f" + adapter {adapter_dir}, merged") +
+      f" on {device}, saving as {str(dtype).split('.')[-1]}")
 
 # --- save --------------------------------------------------------------------
 export_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -135,7 +135,7 @@ if missing:
     FAST = config["fast"] = False
     print(f"fast path: off, this install lacks what it relies on ({missing}); training the plain way (--fast=false)")
 # torch.compile fuses the MLP itself; ZeRO-3 gathers B's weight only when its module is called
-fused = kernels.fuse(model, on_gpu, mlp=not TORCH_COMPILE, lora=DISTRIBUTED != "zero3") if FAST else []
+fused = kernels.fuse(model, mlp=not TORCH_COMPILE, lora=DISTRIBUTED != "zero3") if FAST else []
 if TORCH_COMPILE and on_gpu:  # layer by layer: the layers share one graph, the vision tower's Python stays eager
     for layer in tuning.base_model(model).model.language_model.layers:
         layer.compile(dynamic=True)

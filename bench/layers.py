@@ -1,8 +1,8 @@
 """Time of the language model's decoder layers, forward and backward as train.py's CUDA graphs run them, with the
 model's own code and then with each of train.py's fused kernels added in turn, side by side in one process.
 
-Each row keeps what the rows above it added: no attention mask (right-padded batches need none), LoRA's
-multiply-add (engine/kernels.py), Liger's RMSNorm and SwiGLU through its public API; then, with --compile=true,
+Each row keeps what the rows above it added: no attention mask (right-padded batches need none), the fused
+RMSNorm, LoRA's multiply-add, the MLP's Liger kernel (latexocr/engine/kernels.py); then, with --compile=true,
 torch.compile on top. A row
 without LoRA at all shows what the adapters cost. Every row's output is compared with the first row's: the same
 math. The layers have Qwen2-VL-2B's shape, random weights and train.py's LoRA (r=64 on the seven projections).
@@ -40,8 +40,8 @@ from transformers import AutoTokenizer  # noqa: E402
 from latexocr import modeling, tiny  # noqa: E402
 from latexocr.engine import kernels  # noqa: E402
 
-ROWS = ["the model's own code, with the padding mask", "no attention mask", "+ LoRA multiply-add",
-        "+ Liger RMSNorm and SwiGLU (GPU only)"] + (["+ torch.compile"] if COMPILE else [])
+ROWS = ["the model's own code, with the padding mask", "no attention mask", "+ fused RMSNorm",
+        "+ LoRA multiply-add", "+ Liger SwiGLU (GPU only)"] + (["+ torch.compile"] if COMPILE else [])
 on_gpu = torch.cuda.is_available() and not TINY
 device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
 if not on_gpu and not TINY:
@@ -62,10 +62,9 @@ def build(row: int, lora: bool = True):
             for name, parameter in model.named_parameters():
                 if "lora_B" in name:
                     parameter.normal_(0, 0.02)
-        if row >= 2:
-            kernels.fuse(model, on_gpu=on_gpu and row >= 3, lora=True)
+        kernels.fuse(model, norms=row >= 2, lora=row >= 3, mlp=row >= 4)
     language_model = (model.get_base_model() if lora else model).model.language_model
-    if row >= 4:
+    if row >= 5:
         for layer in language_model.layers:
             layer.compile(dynamic=True)
     return model.train(), language_model
@@ -129,7 +128,7 @@ for row, name in enumerate(ROWS):
     reference = output if reference is None else reference
     # mean difference over mean size; bf16 rounds each row's kernels differently, fp32 on a CPU barely
     difference = ((output - reference).abs().mean() / reference.abs().mean()).item()
-    if row >= 4:
+    if row >= 5:
         same = f"{difference:.1e} apart (compiled code draws its own dropout)"
     else:
         same = "yes" if difference <= (1e-2 if on_gpu else 1e-5) else f"NO: {difference:.1e} apart"

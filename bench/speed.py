@@ -36,6 +36,7 @@ COMPARED_IMAGES = 8  # of infer.py's batch, generated again one at a time, to co
 EVAL_MAX_NEW_TOKENS = 64  # token cap for both; random weights never stop early, so every image uses it all
 FORMULAS_PATH = str(ROOT.parent / "shared" / "data" / "latex_ocr_val_formulas.txt")
 RESULTS_DIR = "bench_results"
+WARM_UP = True  # a short unmeasured train.py run first (a freshly started machine ran its first one at half speed)
 TOKENIZER = "qwen2"  # the 2B random model's: "qwen2" (Qwen2-VL's vocabulary) or "tiny" (the small BPE --tiny=true has)
 RUNS = "tutorial,ours_tutorial_size,ours,ours_compiled,ours_24gib,ours_12gib,eval"  # which rows to measure
 # -----------------------------------------------------------------------------
@@ -120,7 +121,7 @@ processor = AutoProcessor.from_pretrained(model_dir)
 # --- work: training ------------------------------------------------------------
 runs = RUNS.split(",")
 tutorial_sizing = chat.sizing(image_size="500x100")
-if on_gpu:  # the first training process on a freshly started machine ran at half speed: warm up, unmeasured
+if on_gpu and WARM_UP:  # the first training process on a fresh machine ran at half speed: warm up, unmeasured
     run_train_py("warmup", steps=5)
 if "tutorial" in runs:
     result = train_tutorial(model_dir, train_json, results_dir / "tutorial", max_steps=TUTORIAL_STEPS,

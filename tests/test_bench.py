@@ -49,10 +49,10 @@ def test_layer_benchmark_rows_compute_the_same_output(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     names = [row[0].strip("| ") for row in rows[1:]]
-    assert names == ["the model's own code, with the padding mask", "no attention mask", "+ LoRA multiply-add",
-                     "+ Liger RMSNorm and SwiGLU (GPU only)", "no LoRA, the model's own code"]
+    assert names == ["the model's own code, with the padding mask", "no attention mask", "+ fused RMSNorm",
+                     "+ LoRA multiply-add", "+ Liger SwiGLU (GPU only)", "no LoRA, the model's own code"]
     assert all(float(row[1]) > 0 for row in rows[1:])
-    assert [row[3].strip(" |") for row in rows[1:-1]] == ["yes"] * 4  # every fused row computes the first row's output
+    assert [row[3].strip(" |") for row in rows[1:-1]] == ["yes"] * 5  # every fused row computes the first row's output
 
 
 def test_peer_benchmark_smoke_run_measures_train_py_and_trl(tmp_path):

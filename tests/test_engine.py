@@ -169,6 +169,18 @@ def test_the_plan_says_what_it_chose_and_why(tiny_model_dir, processor, samples)
         plan_for(model, processor, samples, tiny_model_dir, cuda_graphs="true", outside="the vision tower")
 
 
+@pytest.mark.parametrize("model_id", list(modeling.TINY_MODELS))
+def test_the_fast_path_finds_what_it_relies_on_and_names_what_is_gone(model_id):
+    from latexocr.engine import kernels
+    model = lora_model(modeling.resolve_model(model_id))
+    assert kernels.missing_internals(model, on_gpu=False) == ""
+    del model.get_base_model().model.language_model.layers[0].mlp.act_fn  # as an upgrade might rename it
+    assert "the MLP's gate/up/down_proj with a SiLU" in kernels.missing_internals(model, on_gpu=False)
+    for layer in kernels.lora_layers(model):
+        del layer.lora_variant
+    assert "LoRA layers lack lora_variant" in kernels.missing_internals(model, on_gpu=False)
+
+
 def test_graphs_are_refused_for_qwen3_vl_and_its_deepstack_features(processor, samples):
     model_dir = modeling.resolve_model("tiny-random-qwen3-vl")
     model = lora_model(model_dir)
