@@ -53,6 +53,189 @@ def umask_022():
     os.umask(previous)
 
 
+# --- files written: the modes a plain open() gives ---------------------------------------------------------------
+
+def test_files_written_through_a_temporary_file_get_the_umask_mode_not_a_private_one(tmp_path, umask_022):
+    data.atomic_write_text(tmp_path / "train_config.json", "{}")
+    write_csv(tmp_path / "data.csv", [(png(tmp_path / "0.png"), "x")])
+    write_conversations(tmp_path / "data.json", [(tmp_path / "0.png", "x")])
+    evaluate.write_report(tmp_path / "report.html", [], {})
+    for name in ("train_config.json", "data.csv", "data.json", "report.html"):
+        assert mode_of(tmp_path / name) == 0o644, name
+    os.umask(0o077)
+    data.atomic_write_text(tmp_path / "private.json", "{}")
+    assert mode_of(tmp_path / "private.json") == 0o600  # the umask is the user's choice, both ways
+    (tmp_path / "shared.json").write_text("")
+    (tmp_path / "shared.json").chmod(0o664)
+    data.atomic_write_text(tmp_path / "shared.json", "{}")
+    assert mode_of(tmp_path / "shared.json") == 0o664  # as open() on an existing file: its mode is kept
+
+
+# --- CSV files -----------------------------------------------------------------------------------------------------
+
+def test_a_csv_saved_on_windows_is_read_as_written(tmp_path):
+    """CRLF line endings, a byte-order mark (Excel's "CSV UTF-8"), backslashes in the image paths, a header in
+    another case, a blank line at the end."""
+    (tmp_path / "images").mkdir()
+    png(tmp_path / "images" / "0.png")
+    png(tmp_path / "images" / "1.png")
+    (tmp_path / "data.csv").write_bytes("\ufeffImage_Path,Text\r\nimages\\0.png,x ^ { 2 }\r\n"
+                                        "images\\1.png,\"a\r\nb\"\r\n\r\n".encode())
+    rows = read_csv(tmp_path / "data.csv")
+    assert [(line, image, text) for line, image, text in rows] == [
+        (2, (tmp_path / "images" / "0.png").resolve(), "x ^ { 2 }"), (4, (tmp_path / "images" / "1.png").resolve(),
+                                                                      "a\r\nb")]
+
+
+@pytest.mark.parametrize("separator", ["\t", ";"])  # a TSV named .csv; a European Excel export
+def test_a_csv_separated_by_tabs_or_semicolons_is_read(tmp_path, separator):
+    png(tmp_path / "0.png")
+    (tmp_path / "data.csv").write_text(f"image_path{separator}text\n0.png{separator}\\frac {{ a , b }} {{ c }}\n")
+    assert [text for _, _, text in read_csv(tmp_path / "data.csv")] == [r"\frac { a , b } { c }"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"image_path,text\n0.png,x\n1.png,caf\xe9\n", "data.csv, line 3: not UTF-8 (byte 0xe9)"),  # Latin-1
+    ("image_path,text\n0.png,x\n".encode("utf-16"), "data.csv: UTF-16 text, but UTF-8 is expected"),
+    (b"image_path,text\n0.png,x\n1.png,a,b\n", "data.csv, line 3: 3 fields where the header has 2"),
+    (b"image_path,text\n0.png\n", "data.csv, line 2: 1 fields where the header has 2"),
+    (b"image_path,text\n", "data.csv: a header and no rows"),
+    (b"", "data.csv: empty, not even a header"),
+])
+def test_a_csv_that_cannot_be_read_names_the_file_and_line_and_what_to_do(tmp_path, content, message):
+    (tmp_path / "data.csv").write_bytes(content)
+    with pytest.raises(SystemExit, match=re.escape(message)) as error:
+        read_csv(tmp_path / "data.csv")
+    if b"\xe9" in content:
+        assert "iconv -f WINDOWS-1252 -t UTF-8" in str(error.value)
+
+
+def test_paths_with_spaces_and_unicode_survive_the_csv(tmp_path):
+    folder = tmp_path / "mes données" / "formules 1"
+    folder.mkdir(parents=True)
+    rows = [(png(folder / "équation n°1.png"), "x"), (png(folder / "公式 2.png"), "y")]
+    write_csv(tmp_path / "mes données" / "data.csv", rows)
+    assert [image for _, image, _ in read_csv(tmp_path / "mes données" / "data.csv")] == [p for p, _ in rows]
+
+
+def test_rows_listing_an_image_twice_are_recorded_not_trained_on_twice(tmp_path):
+    image = png(tmp_path / "0.png")
+    write_csv(tmp_path / "data.csv", [(image, "x"), (png(tmp_path / "1.png"), "y"), (image, "z")])
+    rejects = []
+    assert data.usable_rows(tmp_path / "data.csv", rejects, show_progress=False) == [
+        (image.resolve(), "x"), ((tmp_path / "1.png").resolve(), "y")]
+    assert rejects == [(image.resolve(), f"{tmp_path / 'data.csv'} line 4: the same image as line 2")]
+
+
+# --- conversation JSON --------------------------------------------------------------------------------------------
+
+def test_formulas_and_ids_json_reads_as_numbers_are_kept_as_the_text_they_are(tmp_path):
+    png(tmp_path / "0.png")
+    png(tmp_path / "1.png")
+    (tmp_path / "data.json").write_text('[{"id": 7, "conversations": [{"role": "user", "value": "0.png"}, '
+                                        '{"role": "assistant", "value": 12}]}, {"id": 8, "conversations": [{"role": '
+                                        '"user", "value": "1.png"}, {"role": "assistant", "value": 1.50}]}]')
+    samples = read_conversations(tmp_path / "data.json")
+    assert [(s.id, s.text) for s in samples] == [("7", "12"), ("8", "1.50")]  # 1.50, not 1.5
+
+
+def test_a_json_with_a_byte_order_mark_or_in_sharegpt_style_is_read(tmp_path):
+    png(tmp_path / "0.png")
+    record = {"id": "a", "conversations": [{"from": "human", "value": "0.png"}, {"from": "gpt", "value": "x"}]}
+    (tmp_path / "data.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([record]).encode())
+    assert [(s.id, s.text) for s in read_conversations(tmp_path / "data.json")] == [("a", "x")]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[\n {"id": 1,\n  "conversations": [}\n]', "data.json, line 3 column 21: not valid JSON"),
+    ("[]", "data.json: an empty list, no records"),
+    ('[{"id": 1, "conversations": [{"role": "user", "value": "0.png"}, {"role": "assistant", "value": " "}]}]',
+     "data.json, record 0: the assistant turn (the formula) is empty"),
+    ('[{"id": 1, "conversations": [{"role": "user", "value": "0.png"}, {"role": "assistant", "value": "x"}]}, '
+     '{"id": "1", "conversations": [{"role": "user", "value": "1.png"}, {"role": "assistant", "value": "y"}]}]',
+     "data.json, record 1: duplicate id '1'"),
+])
+def test_a_conversation_json_that_cannot_be_used_names_the_line_or_record(tmp_path, content, message):
+    (tmp_path / "data.json").write_text(content)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        read_conversations(tmp_path / "data.json")
+
+
+def test_jsonl_lines_that_are_not_json_name_the_line(tmp_path):
+    (tmp_path / "rows.jsonl").write_text('{"image_path": "0.png", "text": 12}\n\n{"image_path": "1.png", "text": "x"\n')
+    with pytest.raises(SystemExit, match=r"rows.jsonl, line 3: not valid JSON"):
+        data.read_json_lines(tmp_path / "rows.jsonl")
+    (tmp_path / "rows.jsonl").write_text('{"image_path": "0.png", "text": 12}\n')
+    assert data.read_json_lines(tmp_path / "rows.jsonl") == [(1, {"image_path": "0.png", "text": "12"})]
+
+
+# --- images -------------------------------------------------------------------------------------------------------
+
+def test_what_is_not_a_bitmap_image_says_what_it_is(tmp_path):
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "formula.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    (tmp_path / "formula.pdf").write_bytes(b"%PDF-1.4\n")
+    png(tmp_path / "strip.png", (50_000, 100), "L")
+    assert data.image_problem(tmp_path / "folder.png") == "a folder, not an image file"
+    assert data.image_problem(tmp_path / "formula.svg").startswith("an SVG drawing, not a bitmap image: convert it "
+                                                                   "to PNG")
+    assert data.image_problem(tmp_path / "formula.pdf").startswith("a PDF document, not a bitmap image")
+    assert data.image_problem(tmp_path / "strip.png").startswith("50000x100 px, an aspect ratio of 500:1, more than "
+                                                                 "the 200:1")
+
+
+def test_the_aspect_ratio_limit_is_the_one_qwen_vl_utils_enforces(tmp_path):
+    from qwen_vl_utils.vision_process import MAX_RATIO
+    assert data.MAX_ASPECT_RATIO == MAX_RATIO
+    png(tmp_path / "edge.png", (200 * 20, 20), "L")  # exactly 200:1: accepted by both
+    assert data.image_problem(tmp_path / "edge.png") is None
+    chat.load_image(tmp_path / "edge.png", chat.sizing())
+
+
+def test_unusual_but_valid_images_are_used_as_training_and_inference_see_them(tmp_path):
+    import numpy as np
+    ramp = (np.linspace(0, 65535, 200 * 50).reshape(50, 200)).astype(">u2")
+    Image.fromarray(ramp).save(tmp_path / "big_endian_16bit.tif")  # mode I;16B: load_image used to crash on it
+    png(tmp_path / "one_pixel.png", (1, 1))
+    frames = [Image.new("P", (120, 40), i) for i in (0, 1)]
+    frames[0].save(tmp_path / "animated.gif", save_all=True, append_images=frames[1:])
+    Image.new("CMYK", (120, 40), (0, 0, 0, 0)).save(tmp_path / "cmyk.jpg")
+    for name in ("big_endian_16bit.tif", "one_pixel.png", "animated.gif", "cmyk.jpg"):
+        assert data.image_problem(tmp_path / name) is None, name
+        sized = chat.load_image(tmp_path / name, chat.sizing())
+        assert sized.mode == "RGB" and sized.size[0] * sized.size[1] >= chat.MIN_PIXELS, name
+    grey = data.open_image(tmp_path / "big_endian_16bit.tif").convert("L")
+    assert grey.getextrema() == (0, 255)  # scaled to 8 bits, not clipped
+
+
+def test_exif_orientation_is_applied_alike_in_the_checks_training_and_inference(tmp_path):
+    sideways = Image.new("RGB", (300, 60), "white")
+    sideways.paste((0, 0, 0), (0, 0, 30, 60))  # ink at the stored image's left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": a phone photo of a formula
+    sideways.save(tmp_path / "photo.jpg", exif=exif)
+    upright = data.open_image(tmp_path / "photo.jpg")
+    assert upright.size == (60, 300) and upright.getpixel((30, 5))[0] < 64  # the ink is at the top now
+    sized = chat.load_image(tmp_path / "photo.jpg", chat.sizing())
+    assert sized.size[1] > sized.size[0]  # tall, as displayed
+    with Image.open(tmp_path / "photo.jpg") as stored:  # what train.py's pre-flight counts tokens from
+        counted = chat.image_tokens(*stored.size, chat.sizing())
+    assert counted == (sized.size[0] // 28) * (sized.size[1] // 28)
+    assert data.image_problem(tmp_path / "photo.jpg") is None
+
+
+# --- where a CSV's rows came from ------------------------------------------------------------------------------------
+
+def test_a_source_record_of_the_first_format_still_reads(tmp_path):
+    (tmp_path / "source.json").write_text(json.dumps({"source": "synthetic", "dataset_id": "AI-ModelScope/LaTeX_OCR",
+                                                      "hf_dataset_id": "linxy/LaTeX_OCR", "subset_name": "default",
+                                                      "split": "train", "seed": 0}))
+    assert data.read_source(tmp_path / "source.json") == {"source": "synthetic", "seed": 0, "split": "train"}
+    (tmp_path / "source.json").write_text('{"source": "synth')
+    with pytest.raises(SystemExit, match="source.json: not readable JSON"):
+        data.read_source(tmp_path / "source.json")
+
+
 # --- rendering untrusted formulas ------------------------------------------------------------------------------------
 
 def test_tex_runs_without_a_shell_and_may_open_files_only_in_its_own_folder(monkeypatch, tmp_path):
@@ -106,3 +289,13 @@ def test_a_formula_cannot_read_a_file_into_its_picture(tmp_path, monkeypatch):
 
 ADAPTER_DIR = "output/Qwen2-VL-2B-LatexOCR"
 FAST = ("--max_new_tokens=2", "--render_formulas=false")
+
+
+@slow
+def test_train_preflight_catches_an_aspect_ratio_qwen_vl_utils_would_refuse(tmp_path):
+    write_conversations(tmp_path / "strip.json", [(png(tmp_path / "strip.png", (50_000, 100), "L"), "x"),
+                                                  (png(tmp_path / "ok.png"), "y")])
+    result = run_script("train.py", "--model_id=tiny-random", "--train_json_path=strip.json", "--val_json_path=",
+                        "--swanlab_mode=disabled", cwd=tmp_path, check=False)
+    refused(result, "record identity_1: 50000x100 px, an aspect ratio of 500:1")
+    assert "model:" not in result.stdout
