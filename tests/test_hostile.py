@@ -71,6 +71,47 @@ def test_files_written_through_a_temporary_file_get_the_umask_mode_not_a_private
     assert mode_of(tmp_path / "shared.json") == 0o664  # as open() on an existing file: its mode is kept
 
 
+@slow
+def test_data_steps_write_files_that_others_can_read(tmp_path, umask_022):
+    run_script("data2csv.py", "--source=synthetic", "--max_data_number=12", cwd=tmp_path)
+    run_script("csv2json.py", cwd=tmp_path)
+    written = [tmp_path / "latex_ocr_train.csv", tmp_path / "latex_ocr_train.source.json",
+               tmp_path / "LaTeX_OCR" / "source.json", *(tmp_path / "LaTeX_OCR").glob("*.png"),
+               tmp_path / "latex_ocr_train.json", tmp_path / "latex_ocr_val.json"]
+    assert len(written) == 17 and {mode_of(p) for p in written} == {0o644}
+
+
+# --- settings -------------------------------------------------------------------------------------------------------
+
+def test_each_script_checks_its_settings_before_work_starts(tmp_path):
+    from latexocr import settings
+    from latexocr.config import apply_overrides
+
+    def resolved(rules, **namespace):
+        args = [f"--{k.lower()}={v}" for k, v in namespace.items()]
+        defaults = {k: type(v)() if not isinstance(v, str) else "" for k, v in namespace.items()}
+        return apply_overrides(defaults, args, rules={k.lower(): rules[k.lower()] for k in namespace})
+
+    assert resolved(settings.DATA2CSV, SOURCE="Synthetic", MAX_DATA_NUMBER=-1, MAX_VAL_NUMBER=-1) == \
+        {"source": "synthetic", "max_data_number": -1, "max_val_number": -1}
+    assert resolved(settings.DATA2CSV, SOURCE="My_Data.parquet")["source"] == "My_Data.parquet"  # a path as typed
+    assert resolved(settings.CSV2JSON, VAL_SIZE=-1)["val_size"] == -1
+    assert resolved(settings.INFER, DEVICE="CPU", PRECISION="BFloat16") == {"device": "cpu", "precision": "bfloat16"}
+    assert resolved(settings.EXPORT, DTYPE="Float32", MAX_SHARD_SIZE="500mb")["dtype"] == "float32"
+    (tmp_path / "taken").write_text("a file")
+    for rules, namespace, message in [
+        (settings.DATA2CSV, {"MAX_VAL_NUMBER": 0}, "--max_val_number=0: must be more than 0, or -1"),
+        (settings.DATA2CSV, {"VAL_CSV_PATH": str(tmp_path)}, "is a folder; pass a file name"),
+        (settings.CSV2JSON, {"TRAIN_JSON_PATH": f"{tmp_path / 'taken'}/train.json"}, "is a file, not a folder"),
+        (settings.EXPORT, {"DTYPE": "int8"}, "--dtype=int8: expected auto, bfloat16, float16 or float32"),
+        (settings.EXPORT, {"DEVICE": "tpu"}, "--device=tpu: expected auto, cuda or cpu"),
+        (settings.EXPORT, {"MAX_SHARD_SIZE": "big"}, "--max_shard_size=big: expected a size such as 5GB"),
+        (settings.EXPORT, {"EXPORT_DIR": str(tmp_path / "taken")}, "is a file, not a folder"),
+    ]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            resolved(rules, **namespace)
+
+
 # --- CSV files -----------------------------------------------------------------------------------------------------
 
 def test_a_csv_saved_on_windows_is_read_as_written(tmp_path):
@@ -285,6 +326,103 @@ def test_a_formula_cannot_read_a_file_into_its_picture(tmp_path, monkeypatch):
     monkeypatch.setattr(render, "SAFE_TEX_ENVIRONMENT", {})
     monkeypatch.setattr(render, "_check_inputs", lambda folder, latex: None)
     assert render.render_latex(f"\\input{{{secret}}}").size[1] > 150
+
+
+# --- data2csv.py ----------------------------------------------------------------------------------------------------
+
+@slow
+def test_data2csv_refuses_a_local_source_changed_in_place(tmp_path):
+    png(tmp_path / "a.png", (200, 50))
+    png(tmp_path / "b.png", (400, 50))
+    (tmp_path / "source.csv").write_text("image_path,text\na.png,a\nb.png,b\n")
+    run_script("data2csv.py", "--source=source.csv", "--csv_path=train.csv", cwd=tmp_path)
+    saved = (tmp_path / "train.csv").read_text()
+    (tmp_path / "source.csv").write_text("image_path,text\nb.png,b\na.png,a\n")  # same name, rows swapped
+
+    result = run_script("data2csv.py", "--source=source.csv", "--csv_path=train.csv", cwd=tmp_path, check=False)
+
+    refused(result, "LaTeX_OCR holds images saved from")
+    assert "the file has changed since" in result.stderr
+    assert (tmp_path / "train.csv").read_text() == saved  # images and text still pair as they did
+    assert [Image.open(tmp_path / "LaTeX_OCR" / f"{i}.png").size for i in (0, 1)] == [(200, 50), (400, 50)]
+    record = json.loads((tmp_path / "train.source.json").read_text())
+    assert record["source"] == "local" and record["sha256"] != data.sha256(tmp_path / "source.csv")
+
+
+@slow
+@pytest.mark.parametrize("args, message", [
+    (["--max_data_number=0"], "--max_data_number=0: must be more than 0, or -1 for no limit"),
+    (["--max_data_number=-1"], "--source=synthetic has no end"),
+    (["--dataset_dir=taken"], "--dataset_dir=taken: is a file, not a folder"),
+    (["--csv_path=taken/train.csv"], "--csv_path=taken/train.csv: cannot be written"),
+    (["--source=nowhere.parquet"], "--source=nowhere.parquet: not modelscope, huggingface or synthetic"),
+    (["--source=empty"], "empty: no .parquet files in this folder"),
+    (["--source=rows.txt"], "expected a .parquet file or folder, a .csv, .tsv, .json or .jsonl file"),
+    (["--source=rows.csv", "--csv_path=rows.csv"], "--source=rows.csv and --csv_path=rows.csv are the same file"),
+    (["--val_split=train"], "--val_split=train is the training split itself"),
+    (["--source=broken.parquet"], "broken.parquet: not a readable parquet file"),
+    (["--source=bad.jsonl"], "bad.jsonl, line 2: not valid JSON"),
+])
+def test_data2csv_refuses_settings_and_sources_it_cannot_use_before_saving_anything(tmp_path, args, message):
+    (tmp_path / "taken").write_text("a file")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "rows.txt").write_text("0.png x\n")
+    (tmp_path / "rows.csv").write_text("image_path,text\n0.png,x\n")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    (tmp_path / "bad.jsonl").write_text('{"image_path": "0.png", "text": "x"}\n{"image_path": \n')
+    result = run_script("data2csv.py", "--source=synthetic", "--max_data_number=4", *args, cwd=tmp_path, check=False)
+    refused(result, message)
+    assert not (tmp_path / "LaTeX_OCR").exists() or not list((tmp_path / "LaTeX_OCR").glob("*.png"))
+
+
+@slow
+def test_data2csv_reads_local_files_as_users_write_them(tmp_path):
+    """A source CSV with absolute paths, paths with spaces and unicode, a CMYK JPEG, an EXIF-rotated photo and a
+    formula that is a number; a parquet whose image column holds paths; a JSONL file; upper-case names."""
+    (tmp_path / "my images").mkdir()
+    png(tmp_path / "my images" / "équation 1.png")
+    Image.new("CMYK", (120, 40), (0, 0, 0, 0)).save(tmp_path / "my images" / "cmyk.jpg")  # PNG cannot hold CMYK
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (300, 60), "white").save(tmp_path / "my images" / "photo.jpg", exif=exif)
+    (tmp_path / "Source.CSV").write_text(f"image_path,text,notes\n{tmp_path / 'my images' / 'équation 1.png'},x,\n"
+                                         "my images/cmyk.jpg,y,from a scanner\nmy images/photo.jpg,z,\n")
+    result = run_script("data2csv.py", "--source=Source.CSV", "--dataset_dir=from_csv", "--csv_path=csv.csv",
+                        cwd=tmp_path)
+    assert "3 train rows -> csv.csv" in result.stdout and "0 skipped" in result.stdout
+    sizes = [Image.open(image).size for _, image, _ in read_csv(tmp_path / "csv.csv")]
+    assert sizes == [(200, 50), (120, 40), (60, 300)]  # the photo upright
+
+    pd.DataFrame({"image": ["my images/cmyk.jpg", "my images/équation 1.png"], "text": [12, 3]}).to_parquet(
+        tmp_path / "paths.parquet")
+    run_script("data2csv.py", "--source=paths.parquet", "--dataset_dir=from_parquet", "--csv_path=parquet.csv",
+               "--max_data_number=-1", cwd=tmp_path)  # -1: all rows
+    assert [text for _, _, text in read_csv(tmp_path / "parquet.csv")] == ["12", "3"]
+
+    (tmp_path / "rows.jsonl").write_text('{"image_path": "my images/photo.jpg", "text": 12}\n\n'
+                                         '{"image_path": "missing.png", "text": "y"}\n')
+    result = run_script("data2csv.py", "--source=rows.jsonl", "--dataset_dir=from_jsonl", "--csv_path=jsonl.csv",
+                        "--max_data_number=10", cwd=tmp_path)
+    assert [text for _, _, text in read_csv(tmp_path / "jsonl.csv")] == ["12"]
+    assert "the source's train split has 2 rows, fewer than the 10 asked for" in result.stdout
+    assert list(pd.read_csv(tmp_path / "jsonl.rejects.csv")["reason"]) == ["row 1: image file not found"]
+
+
+@slow
+def test_data2csv_leaves_a_folder_of_images_it_did_not_save_alone(tmp_path):
+    (tmp_path / "LaTeX_OCR").mkdir()
+    png(tmp_path / "LaTeX_OCR" / "0.png", (300, 50))  # e.g. the source's own images
+    (tmp_path / "source.csv").write_text("image_path,text\nLaTeX_OCR/0.png,x\n")
+    result = run_script("data2csv.py", "--source=source.csv", "--csv_path=train.csv", cwd=tmp_path, check=False)
+    refused(result, "LaTeX_OCR holds numbered images that data2csv.py has no record of saving")
+    assert sorted(p.name for p in (tmp_path / "LaTeX_OCR").iterdir()) == ["0.png"]
+
+
+@slow
+def test_data2csv_with_every_row_unusable_says_so(tmp_path):
+    (tmp_path / "source.csv").write_text("image_path,text\ngone.png,x\n")
+    result = run_script("data2csv.py", "--source=source.csv", "--csv_path=train.csv", cwd=tmp_path, check=False)
+    refused(result, "train: none of the 1 rows could be saved (reasons in train.rejects.csv)")
 
 
 ADAPTER_DIR = "output/Qwen2-VL-2B-LatexOCR"
