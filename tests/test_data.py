@@ -144,6 +144,6 @@ def test_a_held_out_split_becomes_val_and_never_shares_a_formula_with_train(tmp_
     assert not {s.text for s in train} & {s.text for s in val}
     assert "val: 10 of 12 held-out rows from latex_ocr_val.csv" in result.stdout
     if held_out[0][2] in {s.text for s in val}:
-        assert "1 row(s) whose formula is also in val" in result.stdout and len(train) == 30
+        assert "1 row(s) whose formula or image is also in val" in result.stdout and len(train) == 30
     else:
         assert len(train) == 31

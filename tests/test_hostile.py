@@ -350,6 +350,20 @@ def test_data2csv_refuses_a_local_source_changed_in_place(tmp_path):
 
 
 @slow
+def test_a_held_out_csv_of_another_source_is_refused_not_taken_for_val(tmp_path):
+    run_script("data2csv.py", "--source=synthetic", "--max_data_number=20", "--val_split=validation",
+               "--max_val_number=5", cwd=tmp_path)
+    result = run_script("data2csv.py", "--source=synthetic", "--seed=3", "--max_data_number=20",
+                        "--dataset_dir=other", cwd=tmp_path)
+    assert "latex_ocr_val.csv holds held-out rows of another source" in result.stdout
+
+    result = run_script("csv2json.py", cwd=tmp_path, check=False)
+
+    refused(result, "latex_ocr_val.csv holds held-out rows of another source (source=synthetic, seed=0")
+    assert not (tmp_path / "latex_ocr_train.json").exists() and not (tmp_path / "latex_ocr_val.json").exists()
+
+
+@slow
 @pytest.mark.parametrize("args, message", [
     (["--max_data_number=0"], "--max_data_number=0: must be more than 0, or -1 for no limit"),
     (["--max_data_number=-1"], "--source=synthetic has no end"),
@@ -423,6 +437,53 @@ def test_data2csv_with_every_row_unusable_says_so(tmp_path):
     (tmp_path / "source.csv").write_text("image_path,text\ngone.png,x\n")
     result = run_script("data2csv.py", "--source=source.csv", "--csv_path=train.csv", cwd=tmp_path, check=False)
     refused(result, "train: none of the 1 rows could be saved (reasons in train.rejects.csv)")
+
+
+@slow
+def test_data2csv_and_csv2json_through_a_symlinked_image_folder(tmp_path):
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "LaTeX_OCR").symlink_to(tmp_path / "disk")
+    run_script("data2csv.py", "--source=synthetic", "--max_data_number=12", cwd=tmp_path)
+    run_script("csv2json.py", cwd=tmp_path)
+    assert len(list((tmp_path / "disk").glob("*.png"))) == 12
+    assert all(s.image.is_file() for s in read_conversations(tmp_path / "latex_ocr_train.json"))
+
+
+# --- csv2json.py ----------------------------------------------------------------------------------------------------
+
+@slow
+@pytest.mark.parametrize("args, message", [
+    (["--val_json_path=latex_ocr_train.json"], "--train_json_path=latex_ocr_train.json and "
+                                               "--val_json_path=latex_ocr_train.json are the same file"),
+    (["--train_json_path=latex_ocr_train.csv"], "--csv_path=latex_ocr_train.csv and "
+                                                "--train_json_path=latex_ocr_train.csv are the same file"),
+    (["--rejects_path=./latex_ocr_val.json"], "are the same file"),
+    (["--val_size=-1"], "--val_size=-1 takes every held-out row, and there is no held-out CSV"),
+    (["--val_size=0"], "--val_size=0: must be more than 0, or -1"),
+])
+def test_csv2json_refuses_outputs_that_would_overwrite_its_inputs_or_each_other(tmp_path, args, message):
+    write_csv(tmp_path / "latex_ocr_train.csv", [(png(tmp_path / f"{i}.png"), f"x _ {i}") for i in range(20)])
+    before = (tmp_path / "latex_ocr_train.csv").read_text()
+    result = run_script("csv2json.py", *args, cwd=tmp_path, check=False)
+    refused(result, message)
+    assert (tmp_path / "latex_ocr_train.csv").read_text() == before and not list(tmp_path.glob("*.json"))
+
+
+@slow
+def test_csv2json_skips_strips_and_images_in_both_csvs(tmp_path):
+    rows = [(png(tmp_path / f"{i}.png"), f"x _ {i}") for i in range(20)]
+    write_csv(tmp_path / "latex_ocr_train.csv", rows + [(png(tmp_path / "strip.png", (50_000, 100), "L"), "y")])
+    write_csv(tmp_path / "latex_ocr_val.csv", [(rows[0][0], "another label"), (png(tmp_path / "v.png"), "v")])
+
+    result = run_script("csv2json.py", "--val_size=-1", cwd=tmp_path)
+
+    reasons = dict(zip(pd.read_csv(tmp_path / "latex_ocr_rejects.csv")["image_path"],
+                       pd.read_csv(tmp_path / "latex_ocr_rejects.csv")["reason"]))
+    assert "line 22: 50000x100 px, an aspect ratio of 500:1" in reasons["strip.png"]
+    assert reasons["0.png"] == "image also in val"
+    assert len(read_conversations(tmp_path / "latex_ocr_val.json")) == 2  # -1: every held-out row
+    assert len(read_conversations(tmp_path / "latex_ocr_train.json")) == 19
+    assert "val: 2 of 2 held-out rows" in result.stdout
 
 
 ADAPTER_DIR = "output/Qwen2-VL-2B-LatexOCR"
