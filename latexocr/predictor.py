@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latexocr import chat, modeling
+from latexocr.data import Sample, image_problem, read_conversations
 
 
 def read_train_config(output_dir: str | Path) -> dict:
@@ -36,6 +37,71 @@ def holds_whole_model(output_dir: str | Path) -> bool:
     return (Path(output_dir) / "config.json").is_file()
 
 
+def base_model(model_id: str, train_config: dict, output_dir: str | Path) -> Path:
+    """The base model's folder: model_id, else the one train_config.json records, with a message saying what to pass
+    when that was a folder and has moved since."""
+    recorded = train_config["model_id"]
+    was_folder = train_config.get("model_dir") == str(Path(recorded).expanduser())
+    if not model_id and was_folder and not Path(recorded).expanduser().is_dir():
+        raise SystemExit(f"{Path(output_dir) / 'train_config.json'}: training's base model was the folder {recorded}, "
+                         "which is no longer there. Pass --model_id=<where that model is now> (the folder with "
+                         "config.json and the *.safetensors weights).")
+    return modeling.resolve_model(model_id or recorded)
+
+
+def check_device(device: str) -> str:
+    """The device to run on ("auto": CUDA if present); asking for CUDA where there is none says what to pass."""
+    import torch
+    if device == "auto":
+        return modeling.default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device={device}: no CUDA GPU is visible here (torch.cuda.is_available() is False). "
+                         "Pass --device=cpu, or --device=auto to use a GPU only where there is one.")
+    return device
+
+
+def val_json(train_config: dict, output_dir: str | Path) -> Path:
+    """The val JSON training scored, from wherever infer.py runs: the absolute path train.py recorded, else (a config
+    from before it did, or data that moved) its path from the current folder or from the folder train.py ran in,
+    taken to lie as far above output_dir as train.py's own output_dir did."""
+    recorded = train_config.get("val_json_path") or ""
+    if not recorded:
+        raise SystemExit("no --image given, and training had no val set to default to: pass --image=<file, folder "
+                         "or JSON>.")
+    candidates = [Path(p) for p in (train_config.get("val_json_abspath"), recorded) if p]
+    trained_output, here = Path(train_config.get("output_dir", "")), Path(output_dir).resolve()
+    if not (Path(recorded).is_absolute() or trained_output.is_absolute()) and \
+            0 < len(trained_output.parts) <= len(here.parents):
+        candidates.append(here.parents[len(trained_output.parts) - 1] / recorded)
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        tried = " nor at ".join(map(str, dict.fromkeys(candidates)))
+        raise SystemExit(f"the val JSON training used is not at {tried}. Pass --image=<that JSON, or any image, "
+                         "folder of images or conversation JSON>.")
+    return found
+
+
+def inputs(source: Path) -> tuple[list[Sample], list[tuple[Path, str]]]:
+    """What --image names (an image, a folder of images or a conversation JSON) as samples that can be predicted,
+    and the files that cannot, with the reason; a SystemExit when it names nothing to predict."""
+    if source.is_dir():
+        entries = sorted(p for p in source.iterdir() if not p.name.startswith("."))  # .DS_Store and the like
+        files = [p for p in entries if not p.is_dir()]
+        if not files:
+            raise SystemExit(f"--image={source}: no files in this folder" + (
+                "; images in its subfolders are not read: pass --image=<a subfolder>" if entries else "") + ".")
+        samples = [Sample(p.name, p.resolve(), "") for p in files]
+    elif source.suffix.lower() == ".json":
+        samples = read_conversations(source, require_text=False)
+    elif source.is_file():
+        samples = [Sample(source.name, source.resolve(), "")]
+    else:
+        raise SystemExit(f"--image={source}: no such file or folder. Give an image, a folder of images or a JSON.")
+    problems = {s.id: image_problem(s.image) for s in samples}
+    return ([s for s in samples if not problems[s.id]],
+            [(s.image, f"{s.id}: {problems[s.id]}") for s in samples if problems[s.id]])
+
+
 @dataclass
 class Predictor:
     model: object
@@ -59,13 +125,14 @@ def load(output_dir: str | Path, adapter: str = "", model_id: str = "", precisio
     whole = holds_whole_model(output_dir)
     use_adapter = adapter.lower() != "none" and not whole
     adapter_dir = Path(adapter or output_dir)
-    model_id = model_id or (str(output_dir) if whole else train_config["model_id"])
     if use_adapter and not (adapter_dir / "adapter_model.safetensors").is_file():  # before minutes of loading
         raise SystemExit(f"{adapter_dir}: no adapter_model.safetensors. Train first, or pass --adapter=<folder> "
                          "(--adapter=none predicts with the base model alone).")
-    device = modeling.default_device() if device == "auto" else device
+    device = check_device(device)
     dtype = modeling.generation_dtype(precision)
-    model, processor = modeling.load_base_model(modeling.resolve_model(model_id), device)
+    model_dir = Path(output_dir) if whole and not model_id else base_model(model_id, train_config, output_dir)
+    model_id = model_id or (str(output_dir) if whole else train_config["model_id"])
+    model, processor = modeling.load_base_model(model_dir, device)
     if use_adapter:
         model = modeling.load_adapter(model, adapter_dir, model_id)
     model = modeling.generation_model(model, dtype)
@@ -73,3 +140,4 @@ def load(output_dir: str | Path, adapter: str = "", model_id: str = "", precisio
                               else " (no adapter)") + f" on {device}, in {precision}"
     return Predictor(model, processor, train_config["prompt"], chat.recorded_sizing(train_config), description,
                      train_config)
+

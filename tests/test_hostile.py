@@ -277,6 +277,33 @@ def test_a_source_record_of_the_first_format_still_reads(tmp_path):
         data.read_source(tmp_path / "source.json")
 
 
+# --- inference inputs ----------------------------------------------------------------------------------------------
+
+def test_infer_finds_the_val_json_training_used_from_any_folder(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    (run / "output" / "model").mkdir(parents=True)
+    (run / "val.json").write_text("[]")
+    recorded = {"val_json_path": "val.json", "output_dir": "output/model"}
+    monkeypatch.chdir(tmp_path)  # not the folder train.py ran in
+    assert predictor.val_json(dict(recorded, val_json_abspath=str(run / "val.json")), run / "output" / "model") == \
+        run / "val.json"
+    # A config from before the absolute path was recorded: found from where the output folder lies.
+    assert predictor.val_json(recorded, run / "output" / "model").resolve() == (run / "val.json").resolve()
+    with pytest.raises(SystemExit, match=r"the val JSON training used is not at .*Pass --image="):
+        predictor.val_json(dict(recorded, val_json_path="gone.json"), run / "output" / "model")
+    with pytest.raises(SystemExit, match="training had no val set"):
+        predictor.val_json(dict(recorded, val_json_path=""), run / "output" / "model")
+
+
+def test_only_scores_this_project_wrote_are_cleared(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"exact_match": 1.0}))
+    evaluate.write_report(tmp_path / "report.html", [], {})
+    assert evaluate.clear_scores(tmp_path) == [tmp_path / "metrics.json", tmp_path / "report.html"]
+    (tmp_path / "metrics.json").write_text('{"loss": 0.1}')  # someone else's
+    (tmp_path / "report.html").write_text("<html>mine</html>")
+    assert evaluate.clear_scores(tmp_path) == [] and (tmp_path / "metrics.json").is_file()
+
+
 # --- rendering untrusted formulas ------------------------------------------------------------------------------------
 
 def test_tex_runs_without_a_shell_and_may_open_files_only_in_its_own_folder(monkeypatch, tmp_path):
@@ -486,6 +513,19 @@ def test_csv2json_skips_strips_and_images_in_both_csvs(tmp_path):
     assert "val: 2 of 2 held-out rows" in result.stdout
 
 
+# --- a trained run: train.py, infer.py and export.py ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Data and an adapter trained for one step on the tiny model, with a val JSON recorded."""
+    folder = tmp_path_factory.mktemp("trained")
+    run_script("data2csv.py", "--source=synthetic", "--max_data_number=20", cwd=folder)
+    run_script("csv2json.py", cwd=folder)
+    run_script("train.py", "--model_id=tiny-random", "--max_steps=1", "--swanlab_mode=disabled",
+               "--eval_max_new_tokens=2", "--num_workers=0", cwd=folder)
+    return folder
+
+
 ADAPTER_DIR = "output/Qwen2-VL-2B-LatexOCR"
 FAST = ("--max_new_tokens=2", "--render_formulas=false")
 
@@ -498,3 +538,88 @@ def test_train_preflight_catches_an_aspect_ratio_qwen_vl_utils_would_refuse(tmp_
                         "--swanlab_mode=disabled", cwd=tmp_path, check=False)
     refused(result, "record identity_1: 50000x100 px, an aspect ratio of 500:1")
     assert "model:" not in result.stdout
+
+
+@slow
+def test_infer_from_another_folder_scores_the_val_json_training_used(trained, umask_022):
+    elsewhere = trained / "elsewhere"
+    elsewhere.mkdir()
+    run_script("infer.py", f"--output_dir=../{ADAPTER_DIR}", *FAST, cwd=elsewhere)
+    results = trained / ADAPTER_DIR / "infer"
+    assert json.loads((results / "metrics.json").read_text())["n"] == 2
+    assert {mode_of(p) for p in results.iterdir()} == {0o644}
+
+
+@slow
+def test_infer_predicts_the_images_of_a_mixed_folder_and_records_the_rest(trained, tmp_path):
+    folder = tmp_path / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(trained / "LaTeX_OCR" / "0.png", folder / "0.png")
+    shutil.copy(trained / "LaTeX_OCR" / "1.png", folder / "formula")  # an image without a suffix
+    (folder / "readme.txt").write_text("notes")
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    png(folder / "strip.png", (50_000, 100), "L")
+    results = tmp_path / "results"
+
+    result = run_script("infer.py", f"--output_dir={ADAPTER_DIR}", f"--image={folder}", f"--results_dir={results}",
+                        *FAST, cwd=trained)
+
+    no_traceback(result)
+    predicted = [json.loads(line)["id"] for line in (results / "predictions.jsonl").open()]
+    assert predicted == ["0.png", "formula"]
+    reasons = list(pd.read_csv(results / "rejects.csv")["reason"])
+    assert reasons[0].startswith("readme.txt: not a readable image") and reasons[1].startswith("strip.png: 50000x100")
+    assert f"skipped 2 file(s) that cannot be read as images -> {results / 'rejects.csv'}" in result.stdout
+
+
+@slow
+def test_infer_with_empty_references_predicts_without_a_score_and_clears_older_scores(trained, tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "metrics.json").write_text(json.dumps({"exact_match": 1.0, "n": 9}))  # an earlier run's
+    evaluate.write_report(results / "report.html", [], {"exact_match": 1.0})
+    images = sorted((trained / "LaTeX_OCR").glob("*.png"))[:2]
+    (tmp_path / "unlabelled.json").write_text(json.dumps([
+        {"id": i, "conversations": [{"role": "user", "value": str(image)}, {"role": "assistant", "value": text}]}
+        for i, image, text in [("a", images[0], ""), ("b", images[1], "x")]]))
+
+    result = run_script("infer.py", f"--output_dir={ADAPTER_DIR}", f"--image={tmp_path / 'unlabelled.json'}",
+                        f"--results_dir={results}", *FAST, cwd=trained)
+
+    assert "1 of 2 records in" in result.stdout and "have an empty reference (first: a)" in result.stdout
+    assert sorted(p.name for p in results.iterdir()) == ["predictions.jsonl"]
+
+
+@slow
+@pytest.mark.parametrize("args, message", [
+    (["--image=empty"], "--image=empty: no files in this folder"),
+    (["--image=only_sub"], "images in its subfolders are not read: pass --image=<a subfolder>"),
+    (["--image=notes.txt"], "notes.txt: nothing to predict, none of its 1 file(s) is a readable image"),
+    (["--image=empty.json"], "empty.json: an empty list, no records"),
+    (["--image=object.json"], "object.json: expected a list of conversation records, found dict"),
+    (["--results_dir=latex_ocr_train.csv/infer"], "--results_dir=latex_ocr_train.csv/infer: cannot be written"),
+    (["--max_new_tokens=0"], "--max_new_tokens=0: must be more than 0"),
+    (["--batch_size=-1"], "--batch_size=-1: must be more than 0"),
+    (["--dtype=int8"], "unknown setting --dtype. Valid settings: output_dir"),
+    (["--precision=INT8"], "--precision=INT8: expected float32 or bfloat16"),
+    (["--output_dir=cut_short"], "cut_short/train_config.json: not readable JSON"),
+])
+def test_infer_refuses_what_it_cannot_predict_before_loading_the_model(trained, args, message):
+    (trained / "empty").mkdir(exist_ok=True)
+    (trained / "only_sub" / "sub").mkdir(parents=True, exist_ok=True)
+    (trained / "notes.txt").write_text("not an image")
+    (trained / "empty.json").write_text("[]")
+    (trained / "object.json").write_text('{"data": []}')
+    (trained / "cut_short").mkdir(exist_ok=True)
+    whole_config = (trained / ADAPTER_DIR / "train_config.json").read_text()
+    (trained / "cut_short" / "train_config.json").write_text(whole_config[:40])
+    result = run_script("infer.py", *args, cwd=trained, check=False)
+    refused(result, message)
+    assert "model:" not in result.stdout
+
+
+@slow
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA GPU is here")
+def test_infer_asked_for_cuda_without_a_gpu_says_what_to_pass(trained):
+    refused(run_script("infer.py", "--device=cuda", cwd=trained, check=False),
+            "--device=cuda: no CUDA GPU is visible here (torch.cuda.is_available() is False). Pass --device=cpu")
