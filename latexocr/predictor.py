@@ -6,11 +6,17 @@ model (export.py's merged folder, or a --tuner=full run). Nothing is declared tw
 """
 
 import json
+import os
+import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from latexocr import chat, modeling
-from latexocr.data import Sample, image_problem, read_conversations
+from latexocr.data import Sample, atomic_write_text, image_problem, plain_mode, read_conversations
+
+EXPORT_RECORD = "export.json"  # what export.py writes into its folder, to know the folder as its own
 
 
 def read_train_config(output_dir: str | Path) -> dict:
@@ -141,3 +147,78 @@ def load(output_dir: str | Path, adapter: str = "", model_id: str = "", precisio
     return Predictor(model, processor, train_config["prompt"], chat.recorded_sizing(train_config), description,
                      train_config)
 
+
+# --- export.py's folder ------------------------------------------------------
+
+def _export_record(folder: Path) -> dict | None:
+    """What export.py recorded in a folder it wrote, or None when it did not write it."""
+    try:
+        record = json.loads((folder / EXPORT_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("written_by") == "export.py" else None
+
+
+def check_export_dir(export_dir: Path, protected: dict[str, Path]) -> bool:
+    """Whether export_dir holds an earlier export (or nothing at all) to replace; False when it does not exist.
+    Anything else stops the run with what to do: a file, a link, a folder export.py did not write, an earlier export
+    with files added since, or a folder that is or holds one of `protected` (what it is -> its path)."""
+    target = export_dir.resolve()
+    for what, path in protected.items():
+        if target == Path(path).resolve() or target in Path(path).resolve().parents:
+            raise SystemExit(f"--export_dir={export_dir} is or holds {what} {path}, which the export would replace. "
+                             "Pass another --export_dir (by default it is <output_dir>-merged).")
+    if export_dir.is_symlink() or (export_dir.exists() and not export_dir.is_dir()):
+        raise SystemExit(f"--export_dir={export_dir} is a file or a link, not a folder export.py wrote: it is never "
+                         "replaced. Pass another --export_dir, or move it away.")
+    if not export_dir.exists():
+        return False
+    names = {p.name for p in export_dir.iterdir()}
+    record = _export_record(export_dir)
+    if names and record is None:
+        raise SystemExit(f"--export_dir={export_dir} is a folder export.py did not write (it holds no {EXPORT_RECORD}"
+                         "): it is never replaced. Pass another --export_dir, or move that folder away.")
+    added = sorted(names - set(record.get("files", [])) - {EXPORT_RECORD}) if record else []
+    if added:
+        raise SystemExit(f"--export_dir={export_dir} holds an earlier export and files added to it since "
+                         f"({', '.join(added[:5])}): it is not replaced, so that they are kept. Move them out, or pass "
+                         "another --export_dir.")
+    return True
+
+
+def _staging_folders(export_dir: Path) -> list[Path]:
+    """The hidden folders beside export_dir that export.py writes into (mkdtemp's names) or moves the earlier export
+    to, left there by a run that was killed."""
+    pattern = re.compile(rf"\.{re.escape(export_dir.name)}\.[a-z0-9_]{{8}}(\.old)?")
+    return [p for p in export_dir.parent.glob(f".{export_dir.name}.*")
+            if pattern.fullmatch(p.name) and p.is_dir() and _export_record(p) is not None]
+
+
+def start_export(export_dir: Path) -> tuple[Path, int]:
+    """A new hidden folder beside export_dir to write the export into, its record in it from the start, so that one
+    left by a killed run is known as export.py's and removed by the next; returns it and how many were removed."""
+    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    leftovers = _staging_folders(export_dir)
+    for folder in leftovers:
+        shutil.rmtree(folder)
+    staging = Path(tempfile.mkdtemp(dir=export_dir.parent, prefix=f".{export_dir.name}."))
+    staging.chmod(plain_mode(folder=True))  # mkdtemp's is private: a model folder is read by servers' users too
+    atomic_write_text(staging / EXPORT_RECORD, json.dumps({"written_by": "export.py", "files": []}) + "\n")
+    return staging, len(leftovers)
+
+
+def finish_export(staging: Path, export_dir: Path, details: dict) -> None:
+    """Record the files staging holds, give them the modes open() and mkdir() would, and rename it to export_dir,
+    in place of the earlier export check_export_dir found there."""
+    for path in staging.rglob("*"):
+        path.chmod(plain_mode(folder=path.is_dir()))
+    files = sorted(p.name for p in staging.iterdir() if p.name != EXPORT_RECORD)
+    atomic_write_text(staging / EXPORT_RECORD, json.dumps({"written_by": "export.py", "files": files, **details},
+                                                          indent=1) + "\n")
+    if export_dir.exists():
+        previous = staging.with_name(staging.name + ".old")
+        os.replace(export_dir, previous)
+        os.replace(staging, export_dir)
+        shutil.rmtree(previous)
+    else:
+        os.replace(staging, export_dir)

@@ -304,6 +304,36 @@ def test_only_scores_this_project_wrote_are_cleared(tmp_path):
     assert evaluate.clear_scores(tmp_path) == [] and (tmp_path / "metrics.json").is_file()
 
 
+# --- export folders -------------------------------------------------------------------------------------------------
+
+def test_an_export_folder_is_replaced_only_when_export_py_wrote_it_and_nothing_was_added(tmp_path):
+    target, keep = tmp_path / "merged", {"the training output folder": tmp_path / "run"}
+    assert predictor.check_export_dir(target, keep) is False  # nothing there yet
+    staging, removed = predictor.start_export(target)
+    (staging / "model.safetensors").write_bytes(b"weights")
+    predictor.finish_export(staging, target, {"model_id": "tiny-random"})
+    assert predictor.check_export_dir(target, keep) is True
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=r"files added to it since \(notes.txt\)"):
+        predictor.check_export_dir(target, keep)
+    (target / "notes.txt").unlink()
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(SystemExit, match="is a file or a link"):
+        predictor.check_export_dir(tmp_path / "link", keep)
+    with pytest.raises(SystemExit, match="is or holds the training output folder"):
+        predictor.check_export_dir(tmp_path, keep)
+
+
+def test_a_killed_export_leaves_nothing_the_next_one_does_not_clear(tmp_path):
+    target = tmp_path / "merged"
+    left, _ = predictor.start_export(target)  # killed before it finished: a hidden folder with its record
+    backup = tmp_path / ".merged.backup"
+    shutil.copytree(left, backup)  # a user's own hidden copy, not a name export.py gives
+    staging, removed = predictor.start_export(target)
+    assert removed == 1 and not left.exists() and backup.is_dir() and staging.is_dir()
+    assert mode_of(staging) == 0o777 & ~current_umask()
+
+
 # --- rendering untrusted formulas ------------------------------------------------------------------------------------
 
 def test_tex_runs_without_a_shell_and_may_open_files_only_in_its_own_folder(monkeypatch, tmp_path):
@@ -623,3 +653,58 @@ def test_infer_refuses_what_it_cannot_predict_before_loading_the_model(trained, 
 def test_infer_asked_for_cuda_without_a_gpu_says_what_to_pass(trained):
     refused(run_script("infer.py", "--device=cuda", cwd=trained, check=False),
             "--device=cuda: no CUDA GPU is visible here (torch.cuda.is_available() is False). Pass --device=cpu")
+
+
+@slow
+@pytest.mark.parametrize("export_dir", ["output", ".", ADAPTER_DIR, "mine", "latex_ocr_train.csv"])
+def test_export_never_replaces_what_it_did_not_write(trained, export_dir):
+    (trained / "mine").mkdir(exist_ok=True)
+    (trained / "mine" / "notes.txt").write_text("keep me")
+    before = sorted(str(p.relative_to(trained)) for p in trained.rglob("*"))
+
+    result = run_script("export.py", f"--export_dir={export_dir}", cwd=trained, check=False)
+
+    assert result.returncode != 0 and ("is or holds the training output folder" in result.stderr or
+                                       "did not write" in result.stderr or "is a file" in result.stderr), result.stderr
+    no_traceback(result)
+    assert sorted(str(p.relative_to(trained)) for p in trained.rglob("*")) == before  # nothing moved or deleted
+    assert (trained / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+
+
+@slow
+def test_export_replaces_its_own_earlier_export_and_says_so(trained, tmp_path, umask_022):
+    target = tmp_path / "merged"
+    run_script("export.py", f"--export_dir={target}", "--adapter=output/Qwen2-VL-2B-LatexOCR/checkpoint-1",
+               cwd=trained)  # a checkpoint holds no processor: the run's is used
+    assert json.loads((target / "export.json").read_text())["written_by"] == "export.py"
+    assert mode_of(target) == 0o755 and {mode_of(p) for p in target.iterdir()} == {0o644}  # a server can read it
+
+    result = run_script("export.py", f"--export_dir={target}", cwd=trained)
+    assert f"replaced the earlier export in {target}" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no staging or old folder beside it
+
+    (target / "README.md").write_text("my notes on this model")
+    refused(run_script("export.py", f"--export_dir={target}", cwd=trained, check=False),
+            "holds an earlier export and files added to it since (README.md)")
+    assert (target / "README.md").read_text() == "my notes on this model"
+
+
+@slow
+def test_export_explains_a_moved_base_model_a_whole_model_and_a_cut_short_config(trained, tmp_path, tiny_model_dir):
+    moved = tmp_path / "run"
+    shutil.copytree(trained / ADAPTER_DIR, moved, ignore=shutil.ignore_patterns("checkpoint-*", "eval", "infer"))
+    config = json.loads((moved / "train_config.json").read_text())
+    gone = tmp_path / "base-was-here"
+    (moved / "train_config.json").write_text(json.dumps(dict(config, model_id=str(gone), model_dir=str(gone))))
+    refused(run_script("export.py", f"--output_dir={moved}", cwd=tmp_path, check=False),
+            f"training's base model was the folder {gone}, which is no longer there. Pass --model_id=")
+
+    whole = tmp_path / "whole"
+    shutil.copytree(tiny_model_dir, whole)
+    (whole / "train_config.json").write_text(json.dumps(config))
+    refused(run_script("export.py", f"--output_dir={whole}", cwd=tmp_path, check=False),
+            "It holds a whole model already")
+
+    (moved / "train_config.json").write_text(json.dumps(config)[:50])
+    refused(run_script("export.py", f"--output_dir={moved}", cwd=tmp_path, check=False),
+            "train_config.json: not readable JSON")
