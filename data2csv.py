@@ -178,7 +178,7 @@ def to_image(value) -> Image.Image:
 
 def check_image_folder(image_dir: Path, record: dict) -> None:
     """Images are named by row number: a folder filled from another source would pair them with the wrong text."""
-    saved = data.read_source(image_dir / "source.json")
+    saved = data.read_source(image_dir / data.SOURCE_RECORD)
     if not any(re.fullmatch(r"\d+\.png", p.name) for p in image_dir.iterdir()):
         return  # no image to pair wrongly, whatever the record says
     if saved is None:
@@ -200,12 +200,12 @@ def save_split(split: str, image_dir: Path, csv_path: str, max_rows: int) -> str
     record = source_record(split)
     image_dir.mkdir(parents=True, exist_ok=True)
     check_image_folder(image_dir, record)
-    data.atomic_write_text(image_dir / "source.json", json.dumps(record) + "\n")
+    data.atomic_write_text(image_dir / data.SOURCE_RECORD, json.dumps(record) + "\n")
     # A killed run leaves its temporary files behind, never a half-written image or CSV (those are renamed
     # into place whole): clear them, so a rerun leaves the folders as an uninterrupted run would.
     csv_file, rejects_path = Path(csv_path), Path(csv_path).with_suffix(".rejects.csv")
     record_path = data.source_record_path(csv_file)
-    leftovers = [*image_dir.glob(".*.png"), *image_dir.glob(".source.json.*.tmp"),
+    leftovers = [*image_dir.glob(".*.png"), *image_dir.glob(f".{data.SOURCE_RECORD}.*.tmp"),
                  *[p for f in (csv_file, rejects_path, record_path) for p in f.parent.glob(f".{f.name}.*.tmp")]]
     for leftover in leftovers:
         leftover.unlink()

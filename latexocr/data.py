@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 CSV_COLUMNS = ("image_path", "text")
+SOURCE_RECORD = "source.json"  # in a folder of images data2csv.py saved: where they came from
 # qwen-vl-utils (smart_resize) refuses an image whose long side is more than this many times its short side.
 MAX_ASPECT_RATIO = 200
 # Files named like images that Pillow cannot read as pixels.
@@ -266,7 +267,7 @@ def csv_source(csv_path: str | Path) -> dict | None:
     the folder of the images it lists."""
     record = read_source(source_record_path(csv_path))
     if record is None:
-        record = read_source(read_csv(csv_path)[0][1].parent / "source.json")
+        record = read_source(read_csv(csv_path)[0][1].parent / SOURCE_RECORD)
     return record
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latexocr import chat, modeling
-from latexocr.data import Sample, atomic_write_text, image_problem, plain_mode, read_conversations
+from latexocr.data import (SOURCE_RECORD, Sample, atomic_write_text, image_problem, plain_mode,
+                           read_conversations)
 
 EXPORT_RECORD = "export.json"  # what export.py writes into its folder, to know the folder as its own
 
@@ -91,7 +92,8 @@ def inputs(source: Path) -> tuple[list[Sample], list[tuple[Path, str]]]:
     """What --image names (an image, a folder of images or a conversation JSON) as samples that can be predicted,
     and the files that cannot, with the reason; a SystemExit when it names nothing to predict."""
     if source.is_dir():
-        entries = sorted(p for p in source.iterdir() if not p.name.startswith("."))  # .DS_Store and the like
+        # Not .DS_Store and the like, nor the record data2csv.py keeps among the images it saved.
+        entries = sorted(p for p in source.iterdir() if not p.name.startswith(".") and p.name != SOURCE_RECORD)
         files = [p for p in entries if not p.is_dir()]
         if not files:
             raise SystemExit(f"--image={source}: no files in this folder" + (

@@ -588,6 +588,7 @@ def test_infer_predicts_the_images_of_a_mixed_folder_and_records_the_rest(traine
     shutil.copy(trained / "LaTeX_OCR" / "1.png", folder / "formula")  # an image without a suffix
     (folder / "readme.txt").write_text("notes")
     (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (folder / "source.json").write_text("{}")  # data2csv.py's record of where its images came from
     png(folder / "strip.png", (50_000, 100), "L")
     results = tmp_path / "results"
 
