@@ -1,17 +1,20 @@
-"""Merge the LoRA adapter that train.py saved into its base model: one standalone model folder.
+"""Merge the LoRA adapter that train.py saved into its base model: one standalone model folder (a --tuner=full run's
+model is written the same way, in the chosen dtype).
 
 Reads:  output/Qwen2-VL-2B-LatexOCR/ (the adapter, the processor, train_config.json naming the base model)
 Writes: output/Qwen2-VL-2B-LatexOCR-merged/ with model*.safetensors, config.json, generation_config.json, the
-        processor and train_config.json (prompt, image sizing): loads with plain transformers, serves with vLLM,
-        and `python infer.py --output_dir=output/Qwen2-VL-2B-LatexOCR-merged` predicts with it
+        processor, train_config.json (prompt, image sizing) and export.json (what export.py wrote there): loads with
+        plain transformers, serves with vLLM, and `python infer.py --output_dir=output/Qwen2-VL-2B-LatexOCR-merged`
+        predicts with it
 Run:    python export.py
         python export.py --dtype=float32        (full precision weights, e.g. to compare with the adapter)
-The folder appears whole or not at all (written beside it, then renamed).
+The folder appears whole or not at all (written beside it, then renamed). It replaces only an earlier export
+(a folder holding export.py's export.json and nothing added since); any other folder or file there is refused.
 """
 
-import json
 from pathlib import Path
 
+from latexocr import settings
 from latexocr.config import apply_overrides
 
 # -----------------------------------------------------------------------------
@@ -23,45 +26,48 @@ DTYPE = "auto"  # weights as saved: auto (bfloat16 on a GPU, float32 on a CPU) |
 DEVICE = "auto"  # where to merge: auto (CUDA if present) | cuda | cpu
 MAX_SHARD_SIZE = "5GB"  # largest safetensors file; bigger models are split into several, with an index
 # -----------------------------------------------------------------------------
-config = apply_overrides(globals())
+config = apply_overrides(globals(), rules=settings.EXPORT)
 
 # --- setup -------------------------------------------------------------------
-import os  # noqa: E402
 import shutil  # noqa: E402
-import tempfile  # noqa: E402
 
 import torch  # noqa: E402
 
-from latexocr import chat, modeling  # noqa: E402
+from latexocr import chat, modeling, predictor  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-config_path = Path(OUTPUT_DIR) / "train_config.json"
+train_config = predictor.read_train_config(OUTPUT_DIR)
 adapter_dir = Path(ADAPTER or OUTPUT_DIR)
 export_dir = Path(EXPORT_DIR or f"{Path(OUTPUT_DIR)}-merged")
-if not config_path.is_file():
-    raise SystemExit(f"{config_path} not found: {OUTPUT_DIR} is not a folder written by train.py. "
-                     "Train first, or pass --output_dir=<train.py's output_dir>.")
-whole = (Path(OUTPUT_DIR) / "config.json").is_file() and not ADAPTER  # a --tuner=full run: nothing to merge
+# A --tuner=full run holds the whole model: nothing to merge, its weights are saved as a standalone folder alike.
+whole = train_config.get("tuner") == "full" and predictor.holds_whole_model(OUTPUT_DIR) and not ADAPTER
 if not whole and not (adapter_dir / "adapter_model.safetensors").is_file():
-    raise SystemExit(f"{adapter_dir}: no adapter_model.safetensors to merge. Train first, or pass --adapter=<folder>.")
-if DTYPE != "auto" and DTYPE not in DTYPES:
-    raise SystemExit(f"--dtype={DTYPE}: expected auto, {', '.join(DTYPES)}.")
-train_config = json.loads(config_path.read_text())
+    raise SystemExit(f"{adapter_dir}: no adapter_model.safetensors to merge. " + (
+        f"It holds a whole model already (an export): use it as it is, e.g. python infer.py "
+        f"--output_dir={adapter_dir}." if predictor.holds_whole_model(adapter_dir) else
+        "Train first, or pass --adapter=<folder>."))
 image_sizing = chat.recorded_sizing(train_config)
-device = modeling.default_device() if DEVICE == "auto" else DEVICE
+device = predictor.check_device(DEVICE)
 # bfloat16 is what Qwen2-VL is released in and what servers load; merging on a CPU keeps float32 unless asked.
 dtype = DTYPES[DTYPE] if DTYPE != "auto" else torch.bfloat16 if device.startswith("cuda") else torch.float32
+model_dir = Path(OUTPUT_DIR) if whole else predictor.base_model(MODEL_ID, train_config, OUTPUT_DIR)
+protected = {"the training output folder": Path(OUTPUT_DIR), "the adapter folder": adapter_dir,
+             "the base model folder": model_dir}
+replacing = predictor.check_export_dir(export_dir, protected)  # before minutes of merging
 
 # --- model -------------------------------------------------------------------
 from transformers import AutoProcessor  # noqa: E402
 
 model_id = OUTPUT_DIR if whole else MODEL_ID or train_config["model_id"]
-model, _ = modeling.load_base_model(modeling.resolve_model(model_id), device, dtype=torch.float32 if whole else None)
+# a full fine-tune's weights load as saved (fp32), not rounded to the bf16 a base model is released in
+model, base_processor = modeling.load_base_model(model_dir, device, dtype=torch.float32 if whole else None)
 if not whole:
     model = modeling.load_adapter(model, adapter_dir, model_id)
 # W + (alpha / r) * B @ A in every adapted layer: the same function, with no adapter left to run.
 merged = model.to(dtype) if whole else model.merge_and_unload().to(dtype)
-processor = AutoProcessor.from_pretrained(adapter_dir)  # train.py saved the processor it trained with
+# train.py saved the processor it trained with; a checkpoint folder holds none, its run's folder does.
+processor_dir = next((d for d in (adapter_dir, Path(OUTPUT_DIR)) if (d / "processor_config.json").is_file()), None)
+processor = AutoProcessor.from_pretrained(processor_dir) if processor_dir else base_processor
 if "min_pixels" in image_sizing:
     # The processor then sizes raw images as training did, for any program that uses it (transformers, vLLM).
     processor.image_processor.size = {"shortest_edge": image_sizing["min_pixels"],
@@ -73,21 +79,21 @@ print(f"model: {model_id}" + (" (trained whole)" if whole else f" + adapter {ada
       f" on {device}, saving as {str(dtype).split('.')[-1]}")
 
 # --- save --------------------------------------------------------------------
-export_dir.parent.mkdir(parents=True, exist_ok=True)
-staging = Path(tempfile.mkdtemp(dir=export_dir.parent, prefix=f".{export_dir.name}."))
-staging.chmod(0o755)  # readable like any model folder (mkdtemp makes it private), e.g. by a server's user
+staging, leftovers = predictor.start_export(export_dir)
+if leftovers:
+    print(f"removed {leftovers} unfinished export folder(s) left beside {export_dir} by an interrupted run")
 try:
     merged.save_pretrained(staging, max_shard_size=MAX_SHARD_SIZE)  # safetensors only, config and generation config
     processor.save_pretrained(staging)
-    shutil.copyfile(config_path, staging / "train_config.json")  # the prompt and image sizing predictions need
-    previous = export_dir.with_name(staging.name + ".old")
-    if export_dir.exists():
-        os.replace(export_dir, previous)
-    os.replace(staging, export_dir)
-    shutil.rmtree(previous, ignore_errors=True)
+    shutil.copyfile(Path(OUTPUT_DIR) / "train_config.json", staging / "train_config.json")  # prompt, image sizing
+    predictor.check_export_dir(export_dir, protected)  # again: files may have been put there while merging
+    predictor.finish_export(staging, export_dir, dict(output_dir=str(Path(OUTPUT_DIR).resolve()), model_id=model_id,
+                                                      adapter=str(adapter_dir.resolve()), dtype=str(dtype)))
 except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
+if replacing:
+    print(f"replaced the earlier export in {export_dir}")
 
 # --- summary -----------------------------------------------------------------
 weights = sorted(export_dir.glob("*.safetensors"))

@@ -5,7 +5,8 @@ Reads:  output/Qwen2-VL-2B-LatexOCR/ (adapter + train_config.json: base model an
         and IMAGE: an image file, a folder of images, or a conversation JSON (default: the val JSON
         training used, so ground truth is there and the predictions are scored)
 Writes: output/Qwen2-VL-2B-LatexOCR/infer/predictions.jsonl; with ground truth also metrics.json and
-        report.html (each image beside its prediction and reference, rendered, worst first)
+        report.html (each image beside its prediction and reference, rendered, worst first); rejects.csv naming
+        each input that is not a readable image (those are skipped, the others predicted)
 Run:    python infer.py
         python infer.py --image=formula.png
         python infer.py --adapter=none          (the base model alone, to see what fine-tuning bought)
@@ -35,31 +36,32 @@ config = apply_overrides(globals(), rules=settings.INFER)
 
 # --- setup -------------------------------------------------------------------
 from latexocr import evaluate, predictor  # noqa: E402
-from latexocr.data import Sample, atomic_write_text, read_conversations  # noqa: E402
+from latexocr.data import atomic_write_text, write_csv  # noqa: E402
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 train_config = predictor.read_train_config(OUTPUT_DIR)
 base_only = ADAPTER.lower() == "none" and not predictor.holds_whole_model(OUTPUT_DIR)
 results_dir = Path(RESULTS_DIR or Path(OUTPUT_DIR) / ("infer-base" if base_only else "infer"))
+settings.output_folder("results_dir", str(results_dir))  # now, not after the predictions are made
 
 # --- data --------------------------------------------------------------------
-if not (IMAGE or train_config["val_json_path"]):
-    raise SystemExit("no --image given, and training had no val set to default to: pass --image=<file, folder or JSON>.")
-source = Path(IMAGE or train_config["val_json_path"])
-if source.suffix.lower() == ".json":
-    samples = read_conversations(source)
-elif source.is_dir():
-    samples = [Sample(p.name, p.resolve(), "") for p in sorted(source.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-    if not samples:
-        raise SystemExit(f"{source}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder.")
-elif source.is_file():
-    samples = [Sample(source.name, source.resolve(), "")]
-else:
-    raise SystemExit(f"--image={source}: no such file or folder. Give an image, a folder of images or a JSON.")
-missing = [s for s in samples if not s.image.is_file()]
-if missing:
-    raise SystemExit(f"{source}: image not found for {missing[0].id}: {missing[0].image} ({len(missing)} missing)")
-has_references = all(s.text for s in samples)
+source = Path(IMAGE) if IMAGE else predictor.val_json(train_config, OUTPUT_DIR)
+samples, rejects = predictor.inputs(source)
+rejects_path = results_dir / "rejects.csv"
+if rejects:
+    write_csv(rejects_path, rejects, header=("image_path", "reason"))
+    for _, reason in rejects[:5]:
+        print(f"skipped {reason}")
+    print(f"skipped {len(rejects)} file(s) that cannot be read as images -> {rejects_path}")
+else:  # an earlier run's list would name files that are not skipped now
+    rejects_path.unlink(missing_ok=True)
+if not samples:
+    raise SystemExit(f"{source}: nothing to predict, none of its {len(rejects)} file(s) is a readable image (reasons "
+                     f"in {rejects_path}).")
+unlabelled = [s for s in samples if not s.text.strip()]
+has_references = not unlabelled
+if unlabelled and source.suffix.lower() == ".json":
+    print(f"{len(unlabelled)} of {len(samples)} records in {source} have an empty reference (first: "
+          f"{unlabelled[0].id}): predicting without scores. Fill them in to score.")
 print(f"data: {len(samples)} image(s) from {source}" + (" with ground truth" if has_references else ""))
 
 # --- model -------------------------------------------------------------------
@@ -74,9 +76,12 @@ else:
     predictions = run.predict([s.image for s in samples], BATCH_SIZE, MAX_NEW_TOKENS)
     for sample, prediction in zip(samples, predictions):
         print(f"{sample.image}: {prediction}")
+    for stale in evaluate.clear_scores(results_dir):  # it scored other predictions
+        print(f"removed {stale}: it scored an earlier run's predictions, and these have no references")
     atomic_write_text(results_dir / "predictions.jsonl",
                       "".join(json.dumps(dict(id=s.id, image=str(s.image), prediction=p), ensure_ascii=False) + "\n"
                               for s, p in zip(samples, predictions)))
 
 # --- summary -----------------------------------------------------------------
-print(f"done: {len(samples)} prediction(s) in {results_dir / 'predictions.jsonl'}")
+print(f"done: {len(samples)} prediction(s) in {results_dir / 'predictions.jsonl'}"
+      + (f", {len(rejects)} file(s) skipped -> {rejects_path}" if rejects else ""))

@@ -75,7 +75,8 @@ import transformers  # noqa: E402
 from latexocr import data, evaluate, families, modeling, tracking  # noqa: E402
 from latexocr.engine import checkpoints, distributed, kernels, preflight, runtime, tuning  # noqa: E402
 from latexocr.engine.plan import Settings, make_plan  # noqa: E402
-from latexocr.engine.trainer import AnswerLossTrainer, ProgressLine, training_arguments  # noqa: E402
+from latexocr.engine.trainer import (AnswerLossTrainer, ProgressLine, ReadableFiles, readable,  # noqa: E402
+                                    training_arguments)
 
 timings = runtime.Timings(started)  # where the process's time goes, for train_results.json
 processes = distributed.from_environment()
@@ -178,7 +179,7 @@ else:
                               num_workers=NUM_WORKERS)
     progress = ProgressLine(plan.step_graphs)
     common = dict(model=model, args=args, train_dataset=train_samples, data_collator=plan.batches,
-                  callbacks=tracker.callbacks)
+                  callbacks=[*tracker.callbacks, ReadableFiles()])
     trainer = AnswerLossTrainer(**common, answer_loss=plan.loss, step_graphs=plan.step_graphs) if FAST else \
         transformers.Trainer(**common)
     runtime.replace_the_progress_bar(trainer, progress)
@@ -203,6 +204,7 @@ distributed.stop(processes)
 if processes.main:
     (Path(OUTPUT_DIR) / "training_args.bin").unlink(missing_ok=True)  # a pickle; train_config.json says it all
     processor.save_pretrained(OUTPUT_DIR)
+    readable(Path(OUTPUT_DIR))  # safetensors writes the weights for their owner alone
     timings.mark("saving")
 saved = "adapter" if TUNER == "lora" else "model"
 if processes.main and resume.finished:

@@ -11,6 +11,8 @@ from PIL import Image
 from qwen_vl_utils import fetch_image, smart_resize
 from qwen_vl_utils.vision_process import SPATIAL_MERGE_SIZE
 
+from latexocr.data import open_image
+
 PROMPT = "Write the formula in this image as LaTeX."
 # Qwen2-VL and Qwen2.5-VL turn every 28x28 px block into one image token, Qwen3-VL every 32x32 px block
 # (families.py). Formulas are wide and short: the bounds keep the aspect ratio, lift tiny crops to at
@@ -52,7 +54,9 @@ def recorded_sizing(train_config: dict) -> dict:
     return sizing(train_config["min_pixels"], train_config["max_pixels"], train_config["image_size"], token_px)
 
 def image_tokens(width: int, height: int, image_sizing: dict) -> int:
-    """Image tokens an image of this size becomes, without decoding it (for checking lengths up front)."""
+    """Image tokens an image of this size becomes, without decoding it (for checking lengths up front).
+
+    Either size will do for an image that open_image turns a quarter (EXIF orientation): the count is the same."""
     token_px = image_sizing["token_px"]
     if "resized_height" in image_sizing:
         height, width = smart_resize(image_sizing["resized_height"], image_sizing["resized_width"], factor=token_px)
@@ -63,19 +67,9 @@ def image_tokens(width: int, height: int, image_sizing: dict) -> int:
 
 
 def load_image(path: str | Path | Image.Image, image_sizing: dict) -> Image.Image:
-    """Open an image as RGB on white (transparency flattened) and resize it to whole image-token blocks."""
-    image = path if isinstance(path, Image.Image) else Image.open(path)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bits
-        image = image.point(lambda v: v / 256).convert("L")
-    if image.mode == "P" or image.mode in ("LA", "PA"):
-        image = image.convert("RGBA")
-    if image.mode == "RGBA":
-        background = Image.new("RGB", image.size, "white")
-        background.paste(image, mask=image.getchannel("A"))
-        image = background
-    image = image.convert("RGB")
+    """Open an image as data.open_image does (upright, RGB on white) and resize it to whole image-token blocks."""
     patch_px = image_sizing["token_px"] // SPATIAL_MERGE_SIZE  # qwen_vl_utils multiplies it back by the merge size
-    return fetch_image({"image": image, **image_sizing}, image_patch_size=patch_px)
+    return fetch_image({"image": open_image(path), **image_sizing}, image_patch_size=patch_px)
 
 
 def messages(prompt: str) -> list[dict]:

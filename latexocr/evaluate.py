@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from latexocr import metrics, modeling, render
-from latexocr.data import Sample, atomic_write_text
+from latexocr.data import Sample, atomic_write_text, open_image
 
 
 def evaluate(model, processor, samples: list[Sample], prompt: str, image_sizing: dict,
@@ -23,6 +23,12 @@ def evaluate(model, processor, samples: list[Sample], prompt: str, image_sizing:
              worst: int = 3, best: int = 2) -> dict:
     """Score `samples` (with references); print the `worst` and `best` predictions, the metrics table and the path of
     the report, which shows them all."""
+    if not samples:
+        raise SystemExit("no samples to score.")
+    unlabelled = [s.id for s in samples if not s.text.strip()]
+    if unlabelled:  # an empty prediction would match it: a perfect score for nothing
+        raise SystemExit(f"{len(unlabelled)} sample(s) have an empty reference (first: {unlabelled[0]}); they cannot "
+                         "be scored. Fill them in, or leave them out.")
     predictions = modeling.predict(model, processor, [s.image for s in samples], prompt, image_sizing,
                                    batch_size, max_new_tokens)
     references = [s.text for s in samples]
@@ -39,6 +45,7 @@ def evaluate(model, processor, samples: list[Sample], prompt: str, image_sizing:
         scores.update(metrics.summarize_render_matches(matches), renderer=backend)
 
     eval_dir = Path(eval_dir)
+    clear_scores(eval_dir)  # a run stopped between the files below must not leave older scores beside these
     atomic_write_text(eval_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     atomic_write_text(eval_dir / "metrics.json", json.dumps(scores, indent=1) + "\n")
     report_path = write_report(eval_dir / "report.html", rows, scores, draw)
@@ -51,6 +58,26 @@ def evaluate(model, processor, samples: list[Sample], prompt: str, image_sizing:
     print(f"eval: {len(rows)} predictions in {eval_dir / 'predictions.jsonl'}, metrics in {eval_dir / 'metrics.json'}")
     print(f"report: {report_path}")
     return scores
+
+
+REPORT_TITLE = "LaTeX OCR evaluation"
+
+
+def clear_scores(eval_dir: Path) -> list[Path]:
+    """Remove the metrics.json and report.html an earlier evaluation wrote in eval_dir, so that they are never taken
+    for the scores of newer predictions there; files of those names that it did not write are left. Returns the
+    removed."""
+    def ours(path: Path) -> bool:
+        try:
+            text = path.read_text(encoding="utf-8")
+            return ("exact_match" in json.loads(text) if path.suffix == ".json"
+                    else f"<title>{REPORT_TITLE}</title>" in text)
+        except (OSError, ValueError, TypeError):
+            return False
+    removed = [p for p in (Path(eval_dir) / "metrics.json", Path(eval_dir) / "report.html") if p.is_file() and ours(p)]
+    for path in removed:
+        path.unlink()
+    return removed
 
 
 def _data_uri(image: Image.Image) -> str:
@@ -85,8 +112,7 @@ def write_report(path: Path, rows: list[dict], scores: dict, draw=None, limit: i
     rendered = {True: "renders the same", False: "renders differently", None: "reference does not render"}
     body = []
     for rank, row in enumerate(shown, 1):
-        with Image.open(row["image"]) as image:
-            source = _data_uri(image)
+        source = _data_uri(open_image(row["image"]))  # upright, as the model saw it
         verdict = "ok" if row["exact_match"] else "bad"
         body.append(
             f'<tr><td>{rank}<br><small>{html.escape(row["id"])}</small></td>'
@@ -97,7 +123,7 @@ def write_report(path: Path, rows: list[dict], scores: dict, draw=None, limit: i
             f'BLEU {row["bleu"]:.3f}'
             + (f'<br>{rendered[row["render_match"]]}' if "render_match" in row else "") + "</td></tr>")
     page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>LaTeX OCR evaluation</title>
+<html><head><meta charset="utf-8"><title>{REPORT_TITLE}</title>
 <style>
 body {{ font-family: sans-serif; margin: 1.5em; }}
 table {{ border-collapse: collapse; }}
@@ -106,7 +132,7 @@ img {{ max-width: 420px; display: block; margin-bottom: 4px; }}
 pre {{ white-space: pre-wrap; max-width: 420px; font-size: 11px; margin: 0; }}
 .ok {{ background: #e6f4e6; }} .bad {{ background: #fbe9e9; }}
 </style></head><body>
-<h1>LaTeX OCR evaluation</h1>
+<h1>{REPORT_TITLE}</h1>
 <p>{summary}</p>
 <p>{len(shown)} of {len(rows)} samples, worst first.</p>
 <table><tr><th>#</th><th>input image</th><th>prediction</th><th>reference</th><th>scores</th></tr>

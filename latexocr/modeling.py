@@ -65,9 +65,10 @@ def load_processor(model_dir: Path):
     return AutoProcessor.from_pretrained(model_dir)
 
 
-def load_base_model(model_dir: Path, device: str, place: bool = True, processor=None, dtype: torch.dtype | None = None):
-    """The model in bf16 for a GPU (fp32 for a CPU, or `dtype`) and its processor (loaded unless given). No remote
-    code is ever run.
+def load_base_model(model_dir: Path, device: str, place: bool = True, processor=None,
+                    dtype: torch.dtype | str | None = None):
+    """The model in bf16 for a GPU (fp32 for a CPU), or in `dtype` ("auto": as saved), and its processor (loaded
+    unless given). No remote code is ever run.
 
     place=False leaves the weights on the CPU for a Trainer to move (to each process's own GPU). Returns
     (model, processor), or the model alone when the processor was given.

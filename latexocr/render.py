@@ -7,6 +7,8 @@ dataset's formulas), so `mathtext_source` first maps the dataset's normalized to
 Both raise ValueError, naming the formula, when they cannot render it.
 """
 
+import functools
+import os
 import re
 import shutil
 import subprocess
@@ -22,6 +24,11 @@ MARGIN_PX = 3  # white border kept around the ink on every side
 FONTSIZE_PT = 12  # the im2latex formulas were typeset in a 12pt article
 DPI = 160  # 12pt at 160 dpi: one-line formulas ~35 px high, display fractions ~60-80 px
 LATEX_TIMEOUT_S = 30  # per latex/dvipng call; a runaway macro must not hang a data step
+# The formula is untrusted text (a model's prediction, a dataset's label): kpathsea's paranoid mode lets TeX open
+# no file by an absolute path, through `..` or starting with a dot, for reading (\input{/etc/passwd} would print it
+# into the report) or writing; and no shell is ever run. kpathsea expands `~` and `$VAR` in a name after that check
+# (\input{$SELFAUTOPARENT/etc/passwd} gets through), so render_latex also checks what TeX read (_check_inputs).
+SAFE_TEX_ENVIRONMENT = {"openin_any": "p", "openout_any": "p", "shell_escape": "f"}
 
 # Commands mathtext does not know and whose absence barely changes the picture.
 _MATHTEXT_DROP = {
@@ -123,11 +130,13 @@ def render_latex(latex: str, fontsize_pt: float = FONTSIZE_PT, dpi: int = DPI) -
     )
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "formula.tex").write_text(document)
-        # The formula is untrusted text: no shell escapes, and stop at the first error instead of prompting.
-        _run(["latex", "-no-shell-escape", "-interaction=nonstopmode", "-halt-on-error", "formula.tex"], tmp, latex)
+        # No shell escapes, stop at the first error instead of prompting, and list each file read (formula.fls).
+        _run(["latex", "-no-shell-escape", "-recorder", "-interaction=nonstopmode", "-halt-on-error", "formula.tex"],
+             tmp, latex)
         resolution = round(dpi * fontsize_pt / 12)  # the document is 12pt; other sizes scale the resolution
-        _run(["dvipng", "-q", "-T", "tight", "-D", str(resolution), "-bg", "rgb 1 1 1", "-fg", "rgb 0 0 0",
-              "-o", "formula.png", "formula.dvi"], tmp, latex)
+        # --noghostscript: a PostScript \special in the formula is not handed to Ghostscript to run.
+        _run(["dvipng", "-q", "--noghostscript", "-T", "tight", "-D", str(resolution), "-bg", "rgb 1 1 1",
+              "-fg", "rgb 0 0 0", "-o", "formula.png", "formula.dvi"], tmp, latex)
         with Image.open(Path(tmp) / "formula.png") as png:
             gray = np.asarray(png.convert("L"))
     return _crop_to_ink(255 - gray, latex)
@@ -135,14 +144,36 @@ def render_latex(latex: str, fontsize_pt: float = FONTSIZE_PT, dpi: int = DPI) -
 
 def _run(command: list[str], cwd: str, latex: str) -> None:
     try:
-        result = subprocess.run(command, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
-                                text=True, timeout=LATEX_TIMEOUT_S)
+        result = subprocess.run(command, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                timeout=LATEX_TIMEOUT_S, env={**os.environ, **SAFE_TEX_ENVIRONMENT})
     except subprocess.TimeoutExpired as err:
         raise ValueError(f"{command[0]} timed out after {LATEX_TIMEOUT_S} s on {latex!r}") from err
+    if "-recorder" in command:  # before the log's messages, which could quote what was read
+        _check_inputs(Path(cwd), latex)
     if result.returncode != 0:
         # LaTeX prints its complaint on a line starting with "!"; the rest of the log is noise.
         errors = " ".join(line for line in result.stdout.splitlines() if line.startswith("!"))
         raise ValueError(f"{command[0]} cannot render {latex!r}: {errors or result.stderr.strip()}")
+
+
+@functools.lru_cache(maxsize=1)
+def _tex_trees() -> tuple[Path, ...]:
+    """The folders of TeX's own files: packages, fonts, formats and configuration, as kpathsea finds them."""
+    result = subprocess.run(["kpsewhich", "--expand-path=$TEXMF:$TEXFORMATS:$TEXMFCNF"], capture_output=True,
+                            text=True, timeout=LATEX_TIMEOUT_S)
+    return tuple(Path(folder).resolve() for folder in result.stdout.strip().split(os.pathsep) if folder)
+
+
+def _check_inputs(folder: Path, latex: str) -> None:
+    """Refuse the rendering when TeX read a file from outside its own folders and the one it ran in."""
+    record = folder / "formula.fls"
+    lines = record.read_text(errors="replace").splitlines() if record.is_file() else []
+    allowed = (folder.resolve(), *_tex_trees())
+    for line in lines:
+        if line.startswith("INPUT "):
+            path = (folder / line[len("INPUT "):]).resolve()
+            if not any(path.is_relative_to(root) for root in allowed):
+                raise ValueError(f"latex does not render {latex!r}: it reads {path}, which is not one of TeX's files")
 
 
 def _crop_to_ink(ink: np.ndarray, latex: str) -> Image.Image:
@@ -156,8 +187,8 @@ def _crop_to_ink(ink: np.ndarray, latex: str) -> Image.Image:
 
 
 def available_backend() -> str:
-    """"latex" when latex and dvipng are both on PATH, else "mathtext"."""
-    return "latex" if shutil.which("latex") and shutil.which("dvipng") else "mathtext"
+    """"latex" when latex, dvipng and kpsewhich are on PATH, else "mathtext"."""
+    return "latex" if all(shutil.which(tool) for tool in ("latex", "dvipng", "kpsewhich")) else "mathtext"
 
 
 def render(latex: str, backend: str = "auto") -> Image.Image:

@@ -54,14 +54,28 @@ def one_of(*options):
     return rule
 
 
+def name_or_path(*names):
+    """One of `names` in any case (kept lower-case), or else a path, kept as typed."""
+    def rule(name, value):
+        return value.lower() if value.lower() in names else value
+    return rule
+
+
+def _writable(name, value, path: Path):
+    """The nearest existing folder on the way to path can be written into."""
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        _stop(name, value, f"cannot be written ({existing} is a file, not a folder); pass a folder you can write to")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        _stop(name, value, f"cannot be written ({existing} is not writable); pass a folder you can write to")
+
+
 def output_folder(name, value):
     """A folder the script will write into: not an existing file, and creatable and writable."""
     path = Path(value).expanduser()
     if path.exists() and not path.is_dir():
         _stop(name, value, "is a file, not a folder; pass a folder to write into")
-    existing = next(p for p in [path, *path.parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        _stop(name, value, f"cannot be written ({existing} is not writable); pass a folder you can write to")
+    _writable(name, value, path)
     return value
 
 
@@ -72,7 +86,7 @@ def output_file(name, value):
     path = Path(value).expanduser()
     if path.is_dir():
         _stop(name, value, "is a folder; pass a file name")
-    output_folder(name, str(path.parent))
+    _writable(name, value, path.parent)
     return value
 
 
@@ -127,8 +141,8 @@ PRECISION = one_of("float32", "bfloat16")
 SCHEDULES = one_of("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                    "inverse_sqrt")
 
-DATA2CSV = dict(max_data_number=steps_or_all, dataset_dir=output_folder, csv_path=output_file,
-                max_val_number=steps_or_all, val_csv_path=output_file)
+DATA2CSV = dict(source=name_or_path("modelscope", "huggingface", "synthetic"), max_data_number=steps_or_all,
+                dataset_dir=output_folder, csv_path=output_file, max_val_number=steps_or_all, val_csv_path=output_file)
 CSV2JSON = dict(train_json_path=output_file, val_json_path=output_file, rejects_path=output_file,
                 val_size=steps_or_all)
 TRAIN = dict(

@@ -209,6 +209,7 @@ def save_atomically(out_dir: Path, *parts) -> Path:
     """save_pretrained each of parts into a new folder out_dir, which appears only once all are written."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp.chmod(plain_mode(folder=True))  # mkdtemp's folder is the owner's alone; a model folder is for everyone
     try:
         for part in parts:
             part.save_pretrained(tmp)

@@ -76,12 +76,12 @@ def test_data2csv_records_source_images_it_cannot_read(tmp_path):
 
     no_traceback(result)
     reasons = list(pd.read_csv(tmp_path / "latex_ocr_train.rejects.csv")["reason"])
-    assert reasons[0].startswith("row 1: image unreadable (FileNotFoundError")
-    assert reasons[1].startswith("row 2: image unreadable (UnidentifiedImageError")
+    assert reasons[0] == "row 1: image file not found"
+    assert reasons[1].startswith("row 2: not a readable image (UnidentifiedImageError")
     assert "1 train rows -> latex_ocr_train.csv" in result.stdout
     assert "2 skipped -> latex_ocr_train.rejects.csv" in result.stdout
     (tmp_path / "source.csv").write_text(rows.replace("missing.png,y\ntext.png,z\n", ""))  # the bad rows removed
-    run_script("data2csv.py", "--source=source.csv", cwd=tmp_path)
+    run_script("data2csv.py", "--source=source.csv", "--dataset_dir=LaTeX_OCR_fixed", cwd=tmp_path)  # a new source
     assert not (tmp_path / "latex_ocr_train.rejects.csv").exists()  # the old list would name rows no longer there
 
 

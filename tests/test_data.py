@@ -71,6 +71,7 @@ def test_bad_conversation_json_names_file_and_record(tmp_path, content, message)
     assert "bad.json" in str(error.value)
 
 
+@pytest.mark.slow  # runs the scripts as a user does
 def test_csv2json_skips_bad_rows_records_them_and_keeps_val_formulas_out_of_train(tmp_path):
     rows = [(png(tmp_path / f"{i}.png"), f"x ^ {{ {i} }}") for i in range(40)]
     rows += [(png(tmp_path / "dup.png"), "x ^ { 0 }")]  # the same formula as row 0
@@ -96,6 +97,7 @@ def test_csv2json_skips_bad_rows_records_them_and_keeps_val_formulas_out_of_trai
     assert "done:" in result.stdout and "left out -> latex_ocr_rejects.csv" in result.stdout
 
 
+@pytest.mark.slow  # runs the scripts as a user does
 def test_data2csv_reads_a_local_parquet_in_the_latex_ocr_schema(tmp_path):
     images = []
     for width in (200, 260, 320):
@@ -113,6 +115,7 @@ def test_data2csv_reads_a_local_parquet_in_the_latex_ocr_schema(tmp_path):
     assert "done: 2 train rows -> latex_ocr_train.csv" in result.stdout
 
 
+@pytest.mark.slow  # runs the scripts as a user does
 def test_data2csv_resumes_and_refuses_a_folder_from_another_source(tmp_path):
     run_script("data2csv.py", "--source=synthetic", "--max_data_number=6", cwd=tmp_path)
     first = (tmp_path / "latex_ocr_train.csv").read_text()
@@ -126,6 +129,7 @@ def test_data2csv_resumes_and_refuses_a_folder_from_another_source(tmp_path):
     assert other.returncode != 0 and "holds images from another source" in other.stderr
 
 
+@pytest.mark.slow  # runs the scripts as a user does
 def test_a_held_out_split_becomes_val_and_never_shares_a_formula_with_train(tmp_path):
     result = run_script("data2csv.py", "--source=synthetic", "--max_data_number=30", "--val_split=validation",
                         "--max_val_number=12", cwd=tmp_path)
@@ -144,6 +148,6 @@ def test_a_held_out_split_becomes_val_and_never_shares_a_formula_with_train(tmp_
     assert not {s.text for s in train} & {s.text for s in val}
     assert "val: 10 of 12 held-out rows from latex_ocr_val.csv" in result.stdout
     if held_out[0][2] in {s.text for s in val}:
-        assert "1 row(s) whose formula is also in val" in result.stdout and len(train) == 30
+        assert "1 row(s) whose formula or image is also in val" in result.stdout and len(train) == 30
     else:
         assert len(train) == 31

@@ -6,9 +6,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
 from latexocr import chat
+from latexocr.data import plain_mode
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # DeepSpeed's configuration files
 
@@ -97,6 +98,21 @@ class AnswerLossTrainer(Trainer):
         elif self.args.average_tokens_across_devices:  # num_items_in_batch counts every process's tokens
             loss = loss * self.accelerator.num_processes
         return loss
+
+
+class ReadableFiles(TrainerCallback):
+    """Each checkpoint's files with the mode a plain open() gives (safetensors writes them for the owner alone), so
+    that another user or a server can read the weights."""
+
+    def on_save(self, args, state, control, **kwargs):
+        readable(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+def readable(folder: Path):
+    """Every file under folder readable as a plain open() would have made it."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            path.chmod(plain_mode())
 
 
 class ProgressLine(ProgressCallback):
