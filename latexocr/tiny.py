@@ -25,6 +25,7 @@ from transformers.convert_slow_tokenizer import TikTokenConverter
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
 from latexocr import chat, modeling, synth
+from latexocr.data import plain_mode
 
 # Qwen2-VL's own special tokens, in its order; Qwen2.5-VL and Qwen3-VL have the same ones.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",

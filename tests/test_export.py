@@ -100,3 +100,44 @@ def test_merged_model_predicts_like_base_model_plus_adapter(exported, tiny_model
 def test_export_needs_a_trained_adapter(tmp_path):
     result = run_script("export.py", "--output_dir=nothing_here", cwd=tmp_path, check=False)
     assert result.returncode != 0 and "not a folder written by train.py" in result.stderr
+
+
+def test_a_full_fine_tune_exports_and_predicts_as_it_was_trained(tmp_path):
+    """--tuner=full saves the whole model: export.py writes it as a standalone folder in the dtype asked for, and
+    infer.py gives the same predictions from either folder, and as train.py's own evaluation."""
+    run_script("data2csv.py", "--source=synthetic", "--max_data_number=30", cwd=tmp_path)
+    run_script("csv2json.py", cwd=tmp_path)
+    run_script("train.py", "--model_id=tiny-random", "--tuner=full", "--train_vision=merger", "--batch_size=4",
+               "--max_steps=6", "--learning_rate=3e-3", "--lr_scheduler_type=constant", "--swanlab_mode=disabled",
+               f"--eval_max_new_tokens={MAX_NEW_TOKENS}", "--save_steps=1000", cwd=tmp_path)
+    result = run_script("export.py", "--dtype=float32", cwd=tmp_path)
+    assert "(trained whole)" in result.stdout
+    merged = tmp_path / MERGED_DIR
+    weights = load_file(next(merged.glob("*.safetensors")))
+    trained = load_file(tmp_path / ADAPTER_DIR / "model.safetensors")
+    assert weights.keys() == trained.keys() and all(torch.equal(weights[k], trained[k]) for k in trained)
+    assert json.loads((merged / "train_config.json").read_text())["tuner"] == "full"
+    settings = (f"--max_new_tokens={MAX_NEW_TOKENS}", "--render_formulas=false", "--image=latex_ocr_val.json")
+    for folder in (ADAPTER_DIR, MERGED_DIR):
+        run_script("infer.py", f"--output_dir={folder}", *settings, cwd=tmp_path)
+    predicted = [[json.loads(line)["prediction"] for line in (tmp_path / folder / sub / "predictions.jsonl").open()]
+                 for folder, sub in ((ADAPTER_DIR, "infer"), (MERGED_DIR, "infer"), (ADAPTER_DIR, "eval"))]
+    assert predicted[0] == predicted[1] == predicted[2] and len(predicted[0]) == 3
+
+
+def test_a_whole_model_loads_in_the_dtype_it_was_saved_in(monkeypatch, tmp_path):
+    """On a GPU a base model loads in bf16; a whole model (a full fine-tune's fp32 weights) must not be rounded so."""
+    from latexocr import predictor
+    asked = {}
+
+    def load(model_dir, device, place=True, processor=None, dtype=None):
+        asked["dtype"] = dtype
+        raise SystemExit("stop here")
+    monkeypatch.setattr(modeling, "load_base_model", load)
+    monkeypatch.setattr(predictor, "check_device", lambda device: "cuda")
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "train_config.json").write_text(json.dumps(dict(model_id="tiny-random", prompt="p", min_pixels=1,
+                                                                max_pixels=2, image_size="", tuner="full")))
+    with pytest.raises(SystemExit, match="stop here"):
+        predictor.load(tmp_path)
+    assert asked["dtype"] == "auto"
