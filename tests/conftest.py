@@ -43,17 +43,36 @@ def run_script(script: str, *args: str, cwd: Path, check: bool = True) -> subpro
     return result
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # train.py's default
+
+
+def synthetic_images(folder: Path, n: int, seed: int) -> list:
+    """n synthetic formula images saved in folder, as Samples (id s<i>) with their LaTeX."""
+    from latexocr.data import Sample
+    from latexocr.synth import synthetic_samples
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i, (image, text) in enumerate(synthetic_samples(n, seed=seed)):
+        image.save(folder / f"{i}.png")
+        samples.append(Sample(f"s{i}", folder / f"{i}.png", text))
+    return samples
+
+
 def synthetic_train_json(folder: Path, n: int, seed: int) -> Path:
     """n synthetic formula images in folder/images, listed with their LaTeX in folder/train.json."""
     from latexocr.data import write_conversations
-    from latexocr.synth import synthetic_samples
-    (folder / "images").mkdir()
-    samples = []
-    for i, (image, text) in enumerate(synthetic_samples(n, seed=seed)):
-        image.save(folder / "images" / f"{i}.png")
-        samples.append((folder / "images" / f"{i}.png", text))
-    write_conversations(folder / "train.json", samples)
+    samples = synthetic_images(folder / "images", n, seed)
+    write_conversations(folder / "train.json", [(s.image, s.text) for s in samples])
     return folder / "train.json"
+
+
+def trained_briefly(folder: Path, *train_args: str) -> Path:
+    """folder with the offline data steps run and an adapter trained for one step on the tiny model."""
+    run_script("data2csv.py", "--source=synthetic", "--max_data_number=20", cwd=folder)
+    run_script("csv2json.py", cwd=folder)
+    run_script("train.py", "--model_id=tiny-random", "--max_steps=1", "--swanlab_mode=disabled", *train_args,
+               cwd=folder)
+    return folder
 
 
 def logged_losses(checkpoint: Path) -> tuple[list[float], list[float]]:

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import run_script
+from conftest import run_script, trained_briefly
 from latexocr import tiny
 from latexocr.data import write_conversations, write_csv
 
@@ -88,12 +88,7 @@ def test_data2csv_records_source_images_it_cannot_read(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A folder with data and an adapter trained for one step on the tiny model."""
-    folder = tmp_path_factory.mktemp("trained")
-    run_script("data2csv.py", "--source=synthetic", "--max_data_number=20", cwd=folder)
-    run_script("csv2json.py", cwd=folder)
-    run_script("train.py", "--model_id=tiny-random", "--max_steps=1", "--swanlab_mode=disabled",
-               "--val_json_path=", cwd=folder)
-    return folder
+    return trained_briefly(tmp_path_factory.mktemp("trained"), "--val_json_path=")
 
 
 def test_train_preflight_stops_before_loading_weights(trained, tmp_path):
@@ -110,9 +105,9 @@ def test_train_preflight_stops_before_loading_weights(trained, tmp_path):
 
 
 def test_a_vision_cache_over_its_ram_limit_is_left_off_and_training_goes_on(trained, tmp_path):
-    result = run_script("train.py", "--model_id=tiny-random", "--val_json_path=", "--max_steps=1",
-                        "--vision_cache_gib=0.0001", f"--output_dir={tmp_path / 'out'}", "--swanlab_mode=disabled",
-                        cwd=trained)
+    run_script("train.py", "--model_id=tiny-random", "--val_json_path=", "--max_steps=1",
+               "--vision_cache_gib=0.0001", f"--output_dir={tmp_path / 'out'}", "--swanlab_mode=disabled",
+               cwd=trained)
     results = json.loads((tmp_path / "out" / "train_results.json").read_text())
     assert not results["vision_cache"] and "more than vision_cache_gib=0.0001" in results["plan"][0]
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

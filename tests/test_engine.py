@@ -4,26 +4,20 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from conftest import LORA_TARGETS, synthetic_images
 from latexocr import chat, families, modeling
-from latexocr.data import Sample
 from latexocr.engine import graphs, loss as answer_loss, preflight
 from latexocr.engine.batching import AnswerBatches, answer_positions, split
 from latexocr.engine.distributed import Processes
 from latexocr.engine.plan import Settings, make_plan
 from latexocr.engine.vision_cache import VisionCache
-from latexocr.synth import synthetic_samples
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = LORA_TARGETS
 
 
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("engine_samples")
-    found = []
-    for i, (image, text) in enumerate(synthetic_samples(12, seed=7)):
-        image.save(folder / f"{i}.png")
-        found.append(Sample(f"s{i}", folder / f"{i}.png", text))
-    return found
+    return synthetic_images(tmp_path_factory.mktemp("engine_samples"), 12, seed=7)
 
 
 def lora_model(model_dir, seed: int = 0):
@@ -187,3 +181,13 @@ def test_graphs_are_refused_for_qwen3_vl_and_its_deepstack_features(processor, s
     qwen3_processor = modeling.load_processor(model_dir)
     with pytest.raises(SystemExit, match="--cuda_graphs=true does not work with Qwen3-VL"):
         plan_for(model, qwen3_processor, samples, model_dir, cuda_graphs="true")
+
+
+def test_the_pre_flight_says_when_answers_exceed_the_generation_cap(processor, samples):
+    lengths = preflight.check_samples(samples, processor, chat.PROMPT, chat.sizing(), 2048, "samples",
+                                      show_progress=False)
+    longest = max(lengths.answer_rows)
+    assert lengths.over_cap(longest, first=0) == ""
+    note = lengths.over_cap(longest - 1, first=0)
+    assert f"the longest {longest}" in note and f"Raise --eval_max_new_tokens to {longest}" in note
+    assert lengths.over_cap(longest - 1, first=len(samples)) == ""  # no val samples past the training ones

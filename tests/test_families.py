@@ -15,13 +15,12 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from conftest import assert_same_adapter, run_script
+from conftest import LORA_TARGETS, assert_same_adapter, run_script
 from latexocr import chat, families, modeling
 from latexocr.data import read_conversations
 
 ADAPTER_DIR = "output/Qwen2-VL-2B-LatexOCR"
 FAMILY_MODELS = {"tiny-random-qwen2.5-vl": "qwen2_5_vl", "tiny-random-qwen3-vl": "qwen3_vl"}
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # train.py's
 # What each family's Instruct chat template puts before the image: Qwen3-VL has no default system turn.
 PROMPT_START = {
     "qwen2_5_vl": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>",

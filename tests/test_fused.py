@@ -6,10 +6,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.helpers import disable_input_dtype_casting
 
+from conftest import LORA_TARGETS
 from latexocr import modeling
 from latexocr.engine import kernels
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = LORA_TARGETS
 
 
 def lora_model(model_dir, seed: int = 0):

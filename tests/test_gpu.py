@@ -9,26 +9,20 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.helpers import disable_input_dtype_casting
 
-from conftest import run_script
+from conftest import LORA_TARGETS, run_script, synthetic_images
 from latexocr import chat, modeling
-from latexocr.data import Sample, read_csv, write_conversations
+from latexocr.data import read_csv, write_conversations
 from latexocr.engine import graphs, loss as answer_loss, memory
 from latexocr.engine.batching import AnswerBatches
 from latexocr.engine.distributed import Processes
-from latexocr.synth import synthetic_samples
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = LORA_TARGETS
 
 
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gpu_samples")
-    found = []
-    for i, (image, text) in enumerate(synthetic_samples(8, seed=11)):
-        image.save(folder / f"{i}.png")
-        found.append(Sample(f"s{i}", folder / f"{i}.png", text))
-    return found
+    return synthetic_images(tmp_path_factory.mktemp("gpu_samples"), 8, seed=11)
 
 
 def gpu_lora_model(model_dir):

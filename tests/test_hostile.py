@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import run_script
+from conftest import run_script, trained_briefly
 from latexocr import chat, data, evaluate, predictor, render
 from latexocr.data import read_conversations, read_csv, write_conversations, write_csv
 
@@ -548,12 +548,7 @@ def test_csv2json_skips_strips_and_images_in_both_csvs(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Data and an adapter trained for one step on the tiny model, with a val JSON recorded."""
-    folder = tmp_path_factory.mktemp("trained")
-    run_script("data2csv.py", "--source=synthetic", "--max_data_number=20", cwd=folder)
-    run_script("csv2json.py", cwd=folder)
-    run_script("train.py", "--model_id=tiny-random", "--max_steps=1", "--swanlab_mode=disabled",
-               "--eval_max_new_tokens=2", "--num_workers=0", cwd=folder)
-    return folder
+    return trained_briefly(tmp_path_factory.mktemp("trained"), "--eval_max_new_tokens=2", "--num_workers=0")
 
 
 ADAPTER_DIR = "output/Qwen2-VL-2B-LatexOCR"

@@ -96,3 +96,22 @@ def test_generation_precision_is_checked_and_tf32_is_off_while_merging_and_predi
         assert tf32_while_merging == [False] and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_generation_stops_at_either_end_token(opinionated_model):
+    """A model that ends an answer with <|endoftext|> (as a base model may) stops there too, as at <|im_end|>."""
+    model, processor = opinionated_model
+    ends = {processor.tokenizer.convert_tokens_to_ids(token) for token in chat.END_TOKENS}
+    asked = {}
+    generate = model.generate
+
+    def spy(**kwargs):
+        asked.update(kwargs)
+        return generate(**kwargs)
+    model.generate = spy
+    try:
+        image = next(iter(synthetic_samples(1, seed=2)))[0]
+        modeling.predict(model, processor, [image], chat.PROMPT, chat.sizing(), max_new_tokens=2, show_progress=False)
+    finally:
+        del model.generate
+    assert set(asked["eos_token_id"]) == ends and len(ends) == 2

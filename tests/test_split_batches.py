@@ -14,8 +14,8 @@ TRAIN = ("--model_id=tiny-random", "--train_json_path=train.json", "--val_json_p
 
 def test_split_batches_train_as_whole_ones(tmp_path):
     synthetic_train_json(tmp_path, 48, seed=3)
-    whole = run_script("train.py", *TRAIN, "--output_dir=whole", cwd=tmp_path)
-    split = run_script("train.py", *TRAIN, "--output_dir=split", "--max_tokens_per_forward=1200", cwd=tmp_path)
+    run_script("train.py", *TRAIN, "--output_dir=whole", cwd=tmp_path)
+    run_script("train.py", *TRAIN, "--output_dir=split", "--max_tokens_per_forward=1200", cwd=tmp_path)
     whole_plan = json.loads((tmp_path / "whole" / "train_results.json").read_text())
     assert (whole_plan["micro_batch_size"], whole_plan["max_tokens_per_forward"]) == (16, 0)
     results = json.loads((tmp_path / "split" / "train_results.json").read_text())

@@ -18,8 +18,8 @@ TRAIN = ("--model_id=tiny-random", "--train_json_path=train.json", "--val_json_p
 def test_padded_graph_steps_train_as_plain_ones(tmp_path, micro_batch):
     synthetic_train_json(tmp_path, 40, seed=5)  # 40 = 2 batches of 16 and a short one of 8, a shape of its own
     batch = (f"--micro_batch_size={micro_batch}",)
-    plain = run_script("train.py", *TRAIN, *batch, "--output_dir=plain", "--cuda_graphs=false", cwd=tmp_path)
-    graphs = run_script("train.py", *TRAIN, *batch, "--output_dir=graphs", "--cuda_graphs=true", cwd=tmp_path)
+    run_script("train.py", *TRAIN, *batch, "--output_dir=plain", "--cuda_graphs=false", cwd=tmp_path)
+    run_script("train.py", *TRAIN, *batch, "--output_dir=graphs", "--cuda_graphs=true", cwd=tmp_path)
     assert not json.loads((tmp_path / "plain" / "train_results.json").read_text())["cuda_graphs_on"]
     assert json.loads((tmp_path / "graphs" / "train_results.json").read_text())["cuda_graphs_on"]
     plain_losses, plain_norms = logged_losses(tmp_path / "plain" / "checkpoint-4")

@@ -4,11 +4,12 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
+from conftest import LORA_TARGETS
 from latexocr import chat, modeling
 from latexocr.engine import tuning
 from latexocr.synth import synthetic_samples
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = LORA_TARGETS
 
 
 def trained_parts(model) -> set[str]:

@@ -92,11 +92,11 @@ def test_train_py_computes_the_tutorials_losses_at_its_inputs(tiny_model_dir, tm
     tutorial = train_tutorial(tiny_model_dir, tmp_path / "train.json", tmp_path / "tutorial", max_steps=10,
                               end_token="im_end", lora_dropout=0.0, device="cpu")
     for graphs in ("false", "true"):
-        ours = run_script("train.py", "--model_id=tiny-random", "--train_json_path=train.json", "--val_json_path=",
-                          "--image_size=500x100", f"--prompt={TUTORIAL_PROMPT}", "--lora_dropout=0.0",
-                          "--max_steps=10", "--logging_steps=1", "--lr_scheduler_type=linear", "--num_workers=0",
-                          "--swanlab_mode=disabled", f"--output_dir=ours_{graphs}", f"--cuda_graphs={graphs}",
-                          cwd=tmp_path)
+        run_script("train.py", "--model_id=tiny-random", "--train_json_path=train.json", "--val_json_path=",
+                   "--image_size=500x100", f"--prompt={TUTORIAL_PROMPT}", "--lora_dropout=0.0",
+                   "--max_steps=10", "--logging_steps=1", "--lr_scheduler_type=linear", "--num_workers=0",
+                   "--swanlab_mode=disabled", f"--output_dir=ours_{graphs}", f"--cuda_graphs={graphs}",
+                   cwd=tmp_path)
         plan = json.loads((tmp_path / f"ours_{graphs}" / "train_results.json").read_text())
         assert (plan["micro_batch_size"], plan["gradient_accumulation_steps"]) == (16, 1)
         assert plan["vision_cache"] and plan["fast"]  # not the model's own path
