@@ -2,6 +2,7 @@
 # One entry point for a fresh machine.
 #   bash run.sh demo   the whole pipeline offline on CPU: synthetic data, a tiny random model (a few minutes)
 #   bash run.sh test   the test suite
+#   bash run.sh app    the demo page on the model the demo trained (after bash run.sh demo)
 #   bash run.sh        the real pipeline: LaTeX_OCR from ModelScope, Qwen2-VL-2B-Instruct, a CUDA GPU
 # Without an active virtual environment it creates .venv here; it installs requirements.txt when that changed.
 set -euo pipefail
@@ -49,7 +50,13 @@ demo)
     echo "barely trained, so its scores are near zero: the demo shows that every step runs."
     echo "metrics: demo/output/Qwen2-VL-2B-LatexOCR/infer/metrics.json"
     echo "report:  demo/output/Qwen2-VL-2B-LatexOCR/infer/report.html (open it in a browser)"
-    echo "page:    python app.py --output_dir=demo/output/Qwen2-VL-2B-LatexOCR, then open http://127.0.0.1:7860"
+    echo "page:    bash run.sh app   (serves the demo's model; then open http://127.0.0.1:7860)"
+    ;;
+app)
+    setup
+    offline
+    shift
+    python app.py --output_dir=demo/output/Qwen2-VL-2B-LatexOCR "$@"
     ;;
 test)
     setup
@@ -72,7 +79,7 @@ real)
     python infer.py
     ;;
 *)
-    echo "usage: bash run.sh [demo|test]" >&2
+    echo "usage: bash run.sh [demo|test|app]" >&2
     exit 2
     ;;
 esac
