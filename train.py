@@ -153,8 +153,8 @@ timings.mark("model loading")
 # --- speed plan ------------------------------------------------------------------
 collator = chat.TrainCollator(processor, PROMPT, image_sizing)
 plan = None if resume.finished else make_plan(
-    Settings(BATCH_SIZE, MICRO_BATCH_SIZE, MAX_TOKENS_PER_FORWARD, GRADIENT_CHECKPOINTING, CUDA_GRAPHS, VISION_CACHE_GIB,
-             TORCH_COMPILE, DISTRIBUTED, GPU_MEMORY_GIB, NUM_WORKERS, FAST),
+    Settings(BATCH_SIZE, MICRO_BATCH_SIZE, MAX_TOKENS_PER_FORWARD, GRADIENT_CHECKPOINTING, CUDA_GRAPHS,
+             VISION_CACHE_GIB, TORCH_COMPILE, DISTRIBUTED, GPU_MEMORY_GIB, NUM_WORKERS, FAST),
     model, collator, family, train_samples, train_lengths.tokens, train_lengths.image_tokens,
     train_lengths.answer_rows, processes, local_device, trainable, tuning.outside_language_model(TUNER, TRAIN_VISION),
     show_progress=processes.main)

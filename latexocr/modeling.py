@@ -86,7 +86,7 @@ def load_base_model(model_dir: Path, device: str, place: bool = True, processor=
 
 @contextlib.contextmanager
 def peft_quietly():
-    """peft 0.21 wraps a model reading transformers' deprecated is_gradient_checkpointing: a warning that is not ours."""
+    """peft 0.21 wraps a model reading transformers' deprecated is_gradient_checkpointing: not our warning."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield

@@ -150,12 +150,12 @@ TRAIN = dict(
     tuner=one_of("lora", "full"), train_vision=one_of("none", "merger", "all"), lora_rank=positive,
     lora_alpha=positive, lora_dropout=fraction, lora_target_modules=module_names, batch_size=positive,
     micro_batch_size=at_least_zero, max_tokens_per_forward=at_least_zero, learning_rate=rate,
-    lr_scheduler_type=SCHEDULES, warmup_steps=at_least_zero, num_train_epochs=positive, max_steps=steps_or_all, gradient_checkpointing=SWITCH,
-    cuda_graphs=SWITCH, vision_cache_gib=at_least_zero, logging_steps=positive, save_steps=positive, keep_checkpoints=positive,
-    num_workers=at_least_zero, device=DEVICE, gpu_memory_gib=at_least_zero,
-    distributed=one_of("ddp", "zero2", "zero3", "fsdp"), swanlab_mode=one_of("auto", "cloud", "local", "offline",
-                                                                             "disabled"),
-    max_length=positive, eval_batch_size=positive, eval_max_new_tokens=positive, eval_precision=PRECISION)
+    lr_scheduler_type=SCHEDULES, warmup_steps=at_least_zero, num_train_epochs=positive, max_steps=steps_or_all,
+    gradient_checkpointing=SWITCH, cuda_graphs=SWITCH, vision_cache_gib=at_least_zero, logging_steps=positive,
+    save_steps=positive, keep_checkpoints=positive, num_workers=at_least_zero, device=DEVICE,
+    gpu_memory_gib=at_least_zero, distributed=one_of("ddp", "zero2", "zero3", "fsdp"),
+    swanlab_mode=one_of("auto", "cloud", "local", "offline", "disabled"), max_length=positive,
+    eval_batch_size=positive, eval_max_new_tokens=positive, eval_precision=PRECISION)
 INFER = dict(results_dir=optional(output_folder), batch_size=positive, max_new_tokens=positive, precision=PRECISION,
              device=DEVICE)
 EXPORT = dict(export_dir=optional(output_folder), dtype=one_of("auto", "bfloat16", "float16", "float32"),

@@ -8,7 +8,8 @@ MODES = ("auto", "cloud", "local", "offline", "disabled")
 
 def logged_in() -> bool:
     """Credentials SwanLab would use: SWANLAB_API_KEY, or what `swanlab login` saved."""
-    saved = [Path.cwd() / ".swanlab" / ".netrc", Path(os.environ.get("SWANLAB_ROOT", Path.home() / ".swanlab")) / ".netrc"]
+    home = Path(os.environ.get("SWANLAB_ROOT", Path.home() / ".swanlab"))
+    saved = [Path.cwd() / ".swanlab" / ".netrc", home / ".netrc"]
     return bool(os.environ.get("SWANLAB_API_KEY")) or any(p.is_file() for p in saved)
 
 

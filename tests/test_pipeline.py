@@ -105,14 +105,15 @@ def test_infer_takes_an_image_or_a_folder(demo):
 
 
 @pytest.mark.parametrize("model_id", LEARNING_MODELS)
-def test_learning_the_pipeline_can_overfit_eight_formulas_exactly(model_id, tmp_path, tuning=()):
+def test_learning_the_pipeline_can_overfit_eight_formulas_exactly(model_id, tmp_path, tuning=(),
+                                                                  learning_rate="3e-3"):
     """Wrong labels, a wrong end token or images paired with the wrong text all make this fail, for every family."""
     run_script("data2csv.py", "--source=synthetic", "--max_data_number=40", cwd=tmp_path)
     # Formulas of up to 60 characters (a third of a real one): enough for a 64-wide model in 300 steps.
     rows = [(image, text) for _, image, text in read_csv(tmp_path / "latex_ocr_train.csv") if len(text) <= 60]
     write_conversations(tmp_path / "eight.json", rows[:8])
     run_script("train.py", f"--model_id={model_id}", "--train_json_path=eight.json", "--val_json_path=eight.json",
-               "--batch_size=8", "--max_steps=300", "--learning_rate=3e-3",
+               "--batch_size=8", "--max_steps=300", f"--learning_rate={learning_rate}",
                "--lr_scheduler_type=constant", "--logging_steps=50", "--save_steps=1000", "--swanlab_mode=disabled",
                "--num_workers=0", *tuning, cwd=tmp_path)
     result = run_script("infer.py", "--image=eight.json", cwd=tmp_path)
@@ -128,8 +129,11 @@ def test_learning_the_pipeline_can_overfit_eight_formulas_exactly(model_id, tmp_
 def test_learning_with_every_weight_training_the_vision_side_too(tmp_path):
     """Full fine-tuning of the language model, the merger and the vision tower: the same exact matches, and a whole
     model saved (safetensors, no adapter) that infer.py predicts with."""
+    # Every weight moves at the learning rate itself (LoRA's update is scaled by alpha / r = 0.25): a third of LoRA's.
+    # At 3e-3, 7 of 8 were exact; at 1e-3 and 2e-3, all 8.
     test_learning_the_pipeline_can_overfit_eight_formulas_exactly(modeling.TINY_MODEL_ID, tmp_path,
-                                                                  tuning=("--tuner=full", "--train_vision=all"))
+                                                                  tuning=("--tuner=full", "--train_vision=all"),
+                                                                  learning_rate="1e-3")
     saved = {p.name for p in (tmp_path / ADAPTER_DIR).iterdir()}
     assert {"model.safetensors", "config.json", "train_config.json"} <= saved and "adapter_model.safetensors" not in saved
     weights = load_file(tmp_path / ADAPTER_DIR / "model.safetensors")

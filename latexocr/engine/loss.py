@@ -30,7 +30,7 @@ class HeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, rows, weight, targets, chunk: int):
         total, gradient = rows.new_zeros((), dtype=torch.float32), torch.empty_like(rows)
         for i in range(0, len(rows), chunk):
-            # Under mixed precision accelerate hands the model's outputs back in fp32; the head computes as in the model.
+            # Under mixed precision accelerate hands the model's outputs back in fp32; the head computes as the model.
             logits = torch.nn.functional.linear(rows[i:i + chunk].to(weight.dtype), weight).float()
             labelled = (targets[i:i + chunk] != chat.IGNORE_INDEX).unsqueeze(1)
             target = targets[i:i + chunk].clamp(min=0).unsqueeze(1)

@@ -147,7 +147,8 @@ def make_plan(s: Settings, model, collator: chat.TrainCollator, family, samples:
     rows_longest_first = sorted(answer_rows, reverse=True)
     if not (s.cuda_graphs == "true" or (s.cuda_graphs == "auto" and on_gpu and not unfit)):
         if on_gpu:
-            notes.append(f"CUDA graphs: off ({unfit or 'cuda_graphs=false'}); every step launches its kernels one by one")
+            notes.append(f"CUDA graphs: off ({unfit or 'cuda_graphs=false'}); every step launches its kernels one "
+                         "by one")
     elif not on_gpu:
         # The largest shape first, as on a GPU (below), so that batches of its length run in its padded rows
         step_graphs = graphs.StepGraphs(model, capture=False)
