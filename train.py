@@ -107,7 +107,7 @@ print(lengths.histogram(MAX_LENGTH))
 cut_short = lengths.over_cap(EVAL_MAX_NEW_TOKENS, first=len(train_samples))  # the val samples'
 if cut_short:
     print(cut_short)
-train_lengths = preflight.Lengths(*(values[:len(train_samples)] for values in vars(lengths).values()))
+train_lengths = lengths.first(len(train_samples))
 timings.mark("data and pre-flight")
 
 # --- resume ------------------------------------------------------------------------

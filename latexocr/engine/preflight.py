@@ -17,6 +17,10 @@ class Lengths:
     image_tokens: list[int]
     answer_rows: list[int]  # labelled positions: the answer's tokens and its end token
 
+    def first(self, n: int) -> "Lengths":
+        """The first n samples' lengths (the training samples, checked together with the val ones after them)."""
+        return Lengths(self.tokens[:n], self.image_tokens[:n], self.answer_rows[:n])
+
     def over_cap(self, max_new_tokens: int, first: int = 0) -> str:
         """A note when answers (from sample `first` on) need more tokens than generation may make: their
         predictions would be cut short and scored as wrong; "" when none does."""
