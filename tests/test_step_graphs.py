@@ -29,3 +29,18 @@ def test_padded_graph_steps_train_as_plain_ones(tmp_path, micro_batch):
     assert_same_adapter(tmp_path / "graphs", tmp_path / "plain")
     results = json.loads((tmp_path / "graphs" / "train_results.json").read_text())
     assert results["cuda_graphs"] == 0  # no GPU: nothing captured
+
+
+def test_the_plain_path_trains_as_the_fast_one(tmp_path):
+    """--fast=false (the stock Trainer, the model's own loss, no cache, no graphs, no fused kernels) is the reference:
+    the fast path's losses, gradient norms and adapter are its own."""
+    synthetic_train_json(tmp_path, 24, seed=9)
+    run_script("train.py", *TRAIN, "--output_dir=plain", "--fast=false", cwd=tmp_path)
+    run_script("train.py", *TRAIN, "--output_dir=fast", "--cuda_graphs=true", cwd=tmp_path)
+    plain = json.loads((tmp_path / "plain" / "train_results.json").read_text())
+    assert not plain["fast"] and not plain["vision_cache"] and not plain["cuda_graphs_on"]
+    plain_losses, plain_norms = logged_losses(tmp_path / "plain" / "checkpoint-4")
+    fast_losses, fast_norms = logged_losses(tmp_path / "fast" / "checkpoint-4")
+    assert fast_losses == pytest.approx(plain_losses, rel=1e-5) and fast_norms == pytest.approx(plain_norms, rel=1e-5)
+    assert plain_losses[0] != plain_losses[-1]
+    assert_same_adapter(tmp_path / "fast", tmp_path / "plain")
