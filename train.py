@@ -75,8 +75,8 @@ import transformers  # noqa: E402
 from latexocr import data, evaluate, families, modeling, tracking  # noqa: E402
 from latexocr.engine import checkpoints, distributed, kernels, preflight, runtime, tuning  # noqa: E402
 from latexocr.engine.plan import Settings, make_plan  # noqa: E402
-from latexocr.engine.trainer import (AnswerLossTrainer, ProgressLine, ReadableFiles, readable,  # noqa: E402
-                                    training_arguments)
+from latexocr.engine.trainer import (AnswerLossTrainer, ProgressLine, ReadableFiles, WorkerSeeds,  # noqa: E402
+                                    readable, training_arguments)
 
 timings = runtime.Timings(started)  # where the process's time goes, for train_results.json
 processes = distributed.from_environment()
@@ -179,7 +179,7 @@ else:
                               num_workers=NUM_WORKERS)
     progress = ProgressLine(plan.step_graphs)
     common = dict(model=model, args=args, train_dataset=train_samples, data_collator=plan.batches,
-                  callbacks=[*tracker.callbacks, ReadableFiles()])
+                  callbacks=[*tracker.callbacks, WorkerSeeds(SEED), ReadableFiles()])
     trainer = AnswerLossTrainer(**common, answer_loss=plan.loss, step_graphs=plan.step_graphs) if FAST else \
         transformers.Trainer(**common)
     runtime.replace_the_progress_bar(trainer, progress)
