@@ -1,8 +1,9 @@
 """Speed and memory of train.py and infer.py against the tutorial recipe, side by side, in one run.
 
-Both train the same Qwen2-VL-2B shape (random weights: compute and memory do not depend on the values)
-with the same LoRA, the same effective batch of 16 and the same samples, rendered from real LaTeX_OCR
-formulas. Rows: the tutorial recipe; train.py at the tutorial's image size (the same work, for the ratio);
+Both train the same Qwen2-VL-2B shape (random weights: compute and memory do not depend on the values;
+Qwen2-VL's real vocabulary by default, TOKENIZER, so answers are as many tokens long as for the real model) with
+the same LoRA, the same effective batch of 16 and the same samples, rendered from real LaTeX_OCR formulas
+(bench/workload.py). Rows: the tutorial recipe; train.py at the tutorial's image size (the same work, for the ratio);
 train.py with its own defaults; the same with --torch_compile=true; the defaults capped to 24 and
 12 GiB of GPU memory. A short train.py run goes first, unmeasured: on a freshly started machine the first
 training process ran at half speed, whichever it was. Then generation: the tutorial's one-image loop
