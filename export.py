@@ -47,7 +47,7 @@ if not whole and not (adapter_dir / "adapter_model.safetensors").is_file():
         f"--output_dir={adapter_dir}." if predictor.holds_whole_model(adapter_dir) else
         "Train first, or pass --adapter=<folder>."))
 image_sizing = chat.recorded_sizing(train_config)
-device = predictor.check_device(DEVICE)
+device = modeling.check_device(DEVICE)
 # bfloat16 is what Qwen2-VL is released in and what servers load; merging on a CPU keeps float32 unless asked.
 dtype = DTYPES[DTYPE] if DTYPE != "auto" else torch.bfloat16 if device.startswith("cuda") else torch.float32
 model_dir = Path(OUTPUT_DIR) if whole else predictor.base_model(MODEL_ID, train_config, OUTPUT_DIR)

@@ -76,7 +76,7 @@ from latexocr import data, evaluate, families, modeling, tracking  # noqa: E402
 from latexocr.engine import checkpoints, distributed, kernels, preflight, runtime, tuning  # noqa: E402
 from latexocr.engine.plan import Settings, make_plan  # noqa: E402
 from latexocr.engine.trainer import (AnswerLossTrainer, ProgressLine, ReadableFiles, WorkerSeeds,  # noqa: E402
-                                    readable, training_arguments)
+                                    training_arguments)
 
 timings = runtime.Timings(started)  # where the process's time goes, for train_results.json
 processes = distributed.from_environment()
@@ -204,7 +204,7 @@ distributed.stop(processes)
 if processes.main:
     (Path(OUTPUT_DIR) / "training_args.bin").unlink(missing_ok=True)  # a pickle; train_config.json says it all
     processor.save_pretrained(OUTPUT_DIR)
-    readable(Path(OUTPUT_DIR))  # safetensors writes the weights for their owner alone
+    data.make_readable(OUTPUT_DIR)  # safetensors writes the weights for their owner alone
     timings.mark("saving")
 saved = "adapter" if TUNER == "lora" else "model"
 if processes.main and resume.finished:

@@ -47,6 +47,23 @@ def plain_mode(folder: bool = False) -> int:
     return (0o777 if folder else 0o666) & ~umask
 
 
+def make_readable(folder: str | Path) -> None:
+    """Every file and folder under folder with the mode open() and mkdir() would have given it (safetensors writes
+    weights for their owner alone, mkdtemp makes private folders)."""
+    for path in Path(folder).rglob("*"):
+        path.chmod(plain_mode(folder=path.is_dir()))
+
+
+def staging_folder(target: str | Path) -> Path:
+    """A new hidden folder beside target, readable as a plain mkdir() makes it, to write a folder into before it is
+    renamed to target whole."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    folder.chmod(plain_mode(folder=True))
+    return folder
+
+
 def atomic_write(path: str | Path, write, suffix: str = ".tmp") -> None:
     """write(temporary path) beside path, then rename it into place, so a crash never leaves half a file. The file gets
     the mode a plain open() would: the earlier file's when it replaces one, else the umask's."""

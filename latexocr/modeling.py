@@ -60,6 +60,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str) -> str:
+    """The device to run on ("auto": CUDA if present); asking for CUDA where there is none says what to pass."""
+    if device == "auto":
+        return default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device={device}: no CUDA GPU is visible here (torch.cuda.is_available() is False). "
+                         "Pass --device=cpu, or --device=auto to use a GPU only where there is one.")
+    return device
+
+
 def load_processor(model_dir: Path):
     from transformers import AutoProcessor
     return AutoProcessor.from_pretrained(model_dir)

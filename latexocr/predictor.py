@@ -9,12 +9,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from latexocr import chat, modeling
-from latexocr.data import (SOURCE_RECORD, Sample, atomic_write_text, image_problem, plain_mode,
+from latexocr.data import (SOURCE_RECORD, Sample, atomic_write_text, image_problem, make_readable, staging_folder,
                            read_conversations)
 
 EXPORT_RECORD = "export.json"  # what export.py writes into its folder, to know the folder as its own
@@ -54,17 +53,6 @@ def base_model(model_id: str, train_config: dict, output_dir: str | Path) -> Pat
                          "which is no longer there. Pass --model_id=<where that model is now> (the folder with "
                          "config.json and the *.safetensors weights).")
     return modeling.resolve_model(model_id or recorded)
-
-
-def check_device(device: str) -> str:
-    """The device to run on ("auto": CUDA if present); asking for CUDA where there is none says what to pass."""
-    import torch
-    if device == "auto":
-        return modeling.default_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device={device}: no CUDA GPU is visible here (torch.cuda.is_available() is False). "
-                         "Pass --device=cpu, or --device=auto to use a GPU only where there is one.")
-    return device
 
 
 def val_json(train_config: dict, output_dir: str | Path) -> Path:
@@ -136,15 +124,14 @@ def load(output_dir: str | Path, adapter: str = "", model_id: str = "", precisio
     if use_adapter and not (adapter_dir / "adapter_model.safetensors").is_file():  # before minutes of loading
         raise SystemExit(f"{adapter_dir}: no adapter_model.safetensors. Train first, or pass --adapter=<folder> "
                          "(--adapter=none predicts with the base model alone).")
-    device = check_device(device)
+    device = modeling.check_device(device)
     dtype = modeling.generation_dtype(precision)
-    model_id_given = bool(model_id)
-    model_dir = Path(output_dir) if whole and not model_id else base_model(model_id, train_config, output_dir)
+    own_weights = whole and not model_id  # the folder's own model, not another base model
+    model_dir = Path(output_dir) if own_weights else base_model(model_id, train_config, output_dir)
     model_id = model_id or (str(output_dir) if whole else train_config["model_id"])
     # A whole model loads in the dtype it was saved in: a full fine-tune's fp32 weights rounded to bf16 predicted
     # otherwise than train.py's own evaluation did (9 of 32 held-out formulas, bench/agreement.py on the H200)
-    model, processor = modeling.load_base_model(model_dir, device, dtype="auto" if whole and not model_id_given
-                                                else None)
+    model, processor = modeling.load_base_model(model_dir, device, dtype="auto" if own_weights else None)
     if use_adapter:
         model = modeling.load_adapter(model, adapter_dir, model_id)
     model = modeling.generation_model(model, dtype)
@@ -207,8 +194,7 @@ def start_export(export_dir: Path) -> tuple[Path, int]:
     leftovers = _staging_folders(export_dir)
     for folder in leftovers:
         shutil.rmtree(folder)
-    staging = Path(tempfile.mkdtemp(dir=export_dir.parent, prefix=f".{export_dir.name}."))
-    staging.chmod(plain_mode(folder=True))  # mkdtemp's is private: a model folder is read by servers' users too
+    staging = staging_folder(export_dir)
     atomic_write_text(staging / EXPORT_RECORD, json.dumps({"written_by": "export.py", "files": []}) + "\n")
     return staging, len(leftovers)
 
@@ -216,8 +202,7 @@ def start_export(export_dir: Path) -> tuple[Path, int]:
 def finish_export(staging: Path, export_dir: Path, details: dict) -> None:
     """Record the files staging holds, give them the modes open() and mkdir() would, and rename it to export_dir,
     in place of the earlier export check_export_dir found there."""
-    for path in staging.rglob("*"):
-        path.chmod(plain_mode(folder=path.is_dir()))
+    make_readable(staging)
     files = sorted(p.name for p in staging.iterdir() if p.name != EXPORT_RECORD)
     atomic_write_text(staging / EXPORT_RECORD, json.dumps({"written_by": "export.py", "files": files, **details},
                                                           indent=1) + "\n")

@@ -12,7 +12,6 @@ import importlib.resources
 import json
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from transformers.convert_slow_tokenizer import TikTokenConverter
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
 from latexocr import chat, modeling, synth
-from latexocr.data import plain_mode
+from latexocr.data import staging_folder
 
 # Qwen2-VL's own special tokens, in its order; Qwen2.5-VL and Qwen3-VL have the same ones.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -208,9 +207,7 @@ def build_model(config, dtype: torch.dtype = torch.float32, device: str = "cpu",
 
 def save_atomically(out_dir: Path, *parts) -> Path:
     """save_pretrained each of parts into a new folder out_dir, which appears only once all are written."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    tmp.chmod(plain_mode(folder=True))  # mkdtemp's folder is the owner's alone; a model folder is for everyone
+    tmp = staging_folder(out_dir)
     try:
         for part in parts:
             part.save_pretrained(tmp)

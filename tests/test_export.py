@@ -134,7 +134,7 @@ def test_a_whole_model_loads_in_the_dtype_it_was_saved_in(monkeypatch, tmp_path)
         asked["dtype"] = dtype
         raise SystemExit("stop here")
     monkeypatch.setattr(modeling, "load_base_model", load)
-    monkeypatch.setattr(predictor, "check_device", lambda device: "cuda")
+    monkeypatch.setattr(modeling, "check_device", lambda device: "cuda")
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "train_config.json").write_text(json.dumps(dict(model_id="tiny-random", prompt="p", min_pixels=1,
                                                                 max_pixels=2, image_size="", tuner="full")))

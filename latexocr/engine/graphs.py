@@ -22,7 +22,7 @@ import torch
 from latexocr import chat
 from latexocr.engine import memory
 from latexocr.engine.loss import ROWS_PER_CHUNK, summed_loss
-from latexocr.engine.vision_cache import base_model
+from latexocr.engine.tuning import base_model
 
 LENGTH_MULTIPLE = 32  # tokens; larger means fewer graphs, more padding
 ROWS_MULTIPLE = 2 * ROWS_PER_CHUNK  # labelled positions

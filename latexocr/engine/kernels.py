@@ -17,7 +17,7 @@ train.py then trains the plain way (--fast=false) and says so.
 
 import torch
 
-from latexocr.engine.vision_cache import base_model
+from latexocr.engine.tuning import base_model
 
 LORA_ATTRIBUTES = ("base_layer", "lora_A", "lora_B", "lora_dropout", "scaling", "merged", "disable_adapters",
                    "active_adapters", "lora_variant", "lora_bias")

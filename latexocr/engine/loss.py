@@ -11,7 +11,7 @@ import contextlib
 import torch
 
 from latexocr import chat
-from latexocr.engine.vision_cache import base_model
+from latexocr.engine.tuning import base_model
 
 ROWS_PER_CHUNK = 256  # labelled positions whose logits (151,936 each, fp32 with gradient) exist at once
 

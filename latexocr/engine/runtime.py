@@ -42,8 +42,7 @@ def check_setup(config: dict, processes: Processes) -> str:
                              "To try the whole pipeline on this CPU, use the tiny random model:\n"
                              "  python train.py --model_id=tiny-random --max_steps=20\n"
                              "To train on the CPU anyway, pass --device=cpu.")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device=cuda, but torch sees no CUDA GPU. Check the driver, or use --device=cpu.")
+    device = modeling.check_device(device)
     if not processes.main:  # every process runs the script; rank 0 speaks for all, errors still reach stderr
         sys.stdout = open(os.devnull, "w")
         transformers.logging.disable_progress_bar()

@@ -9,7 +9,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
 from latexocr import chat
-from latexocr.data import plain_mode
+from latexocr.data import make_readable
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # DeepSpeed's configuration files
 
@@ -121,14 +121,7 @@ class ReadableFiles(TrainerCallback):
     that another user or a server can read the weights."""
 
     def on_save(self, args, state, control, **kwargs):
-        readable(Path(args.output_dir) / f"checkpoint-{state.global_step}")
-
-
-def readable(folder: Path):
-    """Every file under folder readable as a plain open() would have made it."""
-    for path in Path(folder).rglob("*"):
-        if path.is_file():
-            path.chmod(plain_mode())
+        make_readable(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
 class ProgressLine(ProgressCallback):

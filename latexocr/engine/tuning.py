@@ -8,11 +8,15 @@ LLaMA-Factory `finetuning_type: lora|full`, `freeze_vision_tower`, `freeze_multi
 import torch
 
 from latexocr import families, modeling
-from latexocr.engine.vision_cache import base_model
 
 # The vision side's parts, under model.visual in all three families: the merger (Qwen3-VL's deepstack mergers are
 # mergers too), and everything else of the tower.
 MERGER_PARTS = ("merger", "deepstack_merger_list")
+
+
+def base_model(model):
+    """The transformers model under a peft wrapper, or the model itself (full fine-tuning)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def vision_part(name: str) -> str | None:
@@ -72,6 +76,3 @@ def weights_file(tuner: str) -> str:
 def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-
-def is_frozen_vision(model) -> bool:
-    return not any(p.requires_grad for n, p in base_model(model).named_parameters() if vision_part(n))

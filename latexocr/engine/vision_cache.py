@@ -10,12 +10,9 @@ each layer. Kept in CPU memory: image tokens x hidden size x (1 + Qwen3-VL's dee
 import torch
 from tqdm.auto import tqdm
 
+from latexocr.engine.tuning import base_model
+
 BATCH_SIZE = 32  # images per vision-tower pass while filling
-
-
-def base_model(model):
-    """The transformers model under a peft wrapper, or the model itself (full fine-tuning)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def levels(model_config) -> int:
