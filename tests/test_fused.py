@@ -38,9 +38,10 @@ def test_fused_language_model_gives_the_same_outputs_and_gradients(tiny_model_di
     plain, fused = lora_model(tiny_model_dir), lora_model(tiny_model_dir)
     layers = len(fused.get_base_model().model.language_model.layers)
     # per layer the LoRA linears, 2 norms and the MLP (on a CPU it runs its own code: Liger's kernel needs a GPU);
-    # then the final norm
+    # then the final norm, and each vision block's attention
     changed = kernels.fuse(fused)
-    assert len(changed) == layers * (len(TARGETS) + 3) + 1
+    vision_blocks = len(fused.get_base_model().model.visual.blocks)
+    assert len(changed) == layers * (len(TARGETS) + 3) + 1 + vision_blocks
     embeds = torch.randn(3, 17, fused.get_base_model().config.get_text_config().hidden_size)
     for seed in (1, 2):  # dropout draws the same masks in the same order
         expected, expected_grads = forward_backward(plain, embeds, seed)
@@ -108,3 +109,52 @@ def test_fused_language_model_on_a_gpu(tiny_model_dir):
         assert cosine > 0.99, name
     kernels.unfuse(changed)
     assert not any("forward" in vars(module) for module in fused.modules())
+
+
+def vision_tower_grads(model, pixel_values, grid_thw):
+    """The vision tower's output (merger included) on images of different sizes, and each weight's gradient."""
+    output = model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid_thw)
+    output = torch.cat(output.pooler_output if hasattr(output, "pooler_output") else output)
+    (output.float() ** 2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.model.visual.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return output.detach().float(), grads
+
+
+def two_images(processor, device):
+    from PIL import Image
+    images = [Image.new("RGB", (280, 56), "white"), Image.new("RGB", (112, 84), "gray")]  # different patch counts
+    encoded = processor.image_processor(images=images, return_tensors="pt")
+    return encoded["pixel_values"].to(device), encoded["image_grid_thw"].to(device)
+
+
+def test_vision_attention_runs_the_models_own_code_off_a_gpu(tiny_model_dir):
+    """On a CPU (and in fp32) the vision blocks' attention, fused, is the model's own per-image attention: equal."""
+    plain, processor = modeling.load_base_model(tiny_model_dir, "cpu")
+    fused, _ = modeling.load_base_model(tiny_model_dir, "cpu")
+    changed = kernels.fuse(fused)
+    attentions = kernels.vision_attentions(fused)
+    assert attentions and all(module in changed for module in attentions)
+    pixel_values, grid_thw = two_images(processor, "cpu")
+    expected, _ = vision_tower_grads(plain.train(), pixel_values, grid_thw)
+    output, _ = vision_tower_grads(fused.train(), pixel_values, grid_thw)
+    torch.testing.assert_close(output, expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen flash attention needs a CUDA GPU")
+def test_vision_attention_in_one_call_on_a_gpu(tiny_model_dir):
+    """On a GPU in bf16, all images in one varlen flash-attention call per layer: the vision tower's output and its
+    weights' gradients as with the model's per-image attention, within bf16's rounding."""
+    plain, processor = modeling.load_base_model(tiny_model_dir, "cuda")
+    fused, _ = modeling.load_base_model(tiny_model_dir, "cuda")
+    assert kernels.varlen_unusable(torch.device("cuda", torch.cuda.current_device())) == ""
+    kernels.fuse(fused)
+    pixel_values, grid_thw = two_images(processor, "cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expected, expected_grads = vision_tower_grads(plain.float().train(), pixel_values, grid_thw)
+        output, grads = vision_tower_grads(fused.float().train(), pixel_values, grid_thw)
+    torch.testing.assert_close(output, expected, rtol=0.05, atol=0.05)
+    for name in grads:
+        cosine = torch.nn.functional.cosine_similarity(grads[name].flatten(), expected_grads[name].flatten(), dim=0)
+        assert cosine > 0.99, name
