@@ -40,6 +40,7 @@ LR_SCHEDULER_TYPE = "linear"  # linear (decay to 0) | constant | cosine | ...
 WARMUP_STEPS = 0  # optimizer steps of linear warm-up from 0 to LEARNING_RATE (training from scratch wants some)
 NUM_TRAIN_EPOCHS = 2
 MAX_STEPS = -1  # optimizer steps; -1 = run NUM_TRAIN_EPOCHS
+MAX_MINUTES = 0.0  # minutes of training after which it stops and saves, as at its last step; 0 = no limit
 FAST = True  # the speed-ups below; false = the stock Trainer and the model's own loss (the reference; slower)
 GRADIENT_CHECKPOINTING = "auto"  # auto (only when memory is short) | true | false; GPU only
 TORCH_COMPILE = False  # compile each language-model layer with torch.compile (fewer, fused kernels); GPU only
@@ -75,8 +76,8 @@ import transformers  # noqa: E402
 from latexocr import data, evaluate, families, modeling, tracking  # noqa: E402
 from latexocr.engine import checkpoints, distributed, kernels, preflight, runtime, tuning  # noqa: E402
 from latexocr.engine.plan import Settings, make_plan  # noqa: E402
-from latexocr.engine.trainer import (AnswerLossTrainer, ProgressLine, ReadableFiles, WorkerSeeds,  # noqa: E402
-                                    training_arguments)
+from latexocr.engine.trainer import (AnswerLossTrainer, ProgressLine, ReadableFiles, TimeLimit,  # noqa: E402
+                                    WorkerSeeds, training_arguments)
 
 timings = runtime.Timings(started)  # where the process's time goes, for train_results.json
 processes = distributed.from_environment()
@@ -179,7 +180,8 @@ else:
                               num_workers=NUM_WORKERS)
     progress = ProgressLine(plan.step_graphs)
     common = dict(model=model, args=args, train_dataset=train_samples, data_collator=plan.batches,
-                  callbacks=[*tracker.callbacks, WorkerSeeds(SEED), ReadableFiles()])
+                  callbacks=[*tracker.callbacks, WorkerSeeds(SEED), ReadableFiles(),
+                             *([TimeLimit(MAX_MINUTES)] if MAX_MINUTES else [])])
     trainer = AnswerLossTrainer(**common, answer_loss=plan.loss, step_graphs=plan.step_graphs) if FAST else \
         transformers.Trainer(**common)
     runtime.replace_the_progress_bar(trainer, progress)
@@ -211,7 +213,8 @@ if processes.main and resume.finished:
     print(f"saved: {saved} and processor in {OUTPUT_DIR}; nothing left to train, {resume.checkpoint.name} is "
           f"the last of the {resume.planned_steps} steps (--resume=false starts over)")
 elif processes.main:
-    results = dict(steps=trainer.state.global_step, steps_this_run=len(progress.step_ends),
+    results = dict(steps=trainer.state.global_step, planned_steps=trainer.state.max_steps,
+                   steps_this_run=len(progress.step_ends),
                    train_runtime_s=result.metrics["train_runtime"], samples_per_s=result.metrics[
                        "train_samples_per_second"], **progress.speeds(BATCH_SIZE), **plan.record(),
                    split_batches=getattr(trainer, "split_batches", 0),

@@ -151,6 +151,7 @@ TRAIN = dict(
     lora_alpha=positive, lora_dropout=fraction, lora_target_modules=module_names, batch_size=positive,
     micro_batch_size=at_least_zero, max_tokens_per_forward=at_least_zero, learning_rate=rate,
     lr_scheduler_type=SCHEDULES, warmup_steps=at_least_zero, num_train_epochs=positive, max_steps=steps_or_all,
+    max_minutes=at_least_zero,
     gradient_checkpointing=SWITCH, cuda_graphs=SWITCH, vision_cache_gib=at_least_zero, logging_steps=positive,
     save_steps=positive, keep_checkpoints=positive, num_workers=at_least_zero, device=DEVICE,
     gpu_memory_gib=at_least_zero, distributed=one_of("ddp", "zero2", "zero3", "fsdp"),

@@ -82,3 +82,20 @@ def test_a_full_fine_tune_resumes_to_the_same_weights(tmp_path):
     c = load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.equal(b[name], c[name]) for name in b)  # saved again from checkpoint-6, unchanged
     assert "resuming" in resumed.stdout and "keys in the checkpoint" not in resumed.stderr  # nothing alarming said
+
+
+def test_a_time_limit_stops_and_saves_and_the_run_resumes_to_its_planned_steps(tmp_path):
+    """--max_minutes stops at the first step past the limit with the weights saved as at a last step (an adapter a
+    user can score), and the same command without the limit continues from there to the steps planned."""
+    run_script("data2csv.py", "--source=synthetic", "--max_data_number=30", cwd=tmp_path)
+    run_script("csv2json.py", cwd=tmp_path)
+    stopped = run_script("train.py", *COMMON, "--max_steps=6", "--max_minutes=0.0001", cwd=tmp_path)
+    assert "time limit: 0.0001 minutes of training reached at step 1 of 6; saving" in stopped.stdout
+    results = json.loads((tmp_path / ADAPTER / "train_results.json").read_text())
+    assert (results["steps"], results["planned_steps"]) == (1, 6)
+    assert (tmp_path / ADAPTER / "adapter_model.safetensors").is_file()
+    assert (tmp_path / ADAPTER / "checkpoint-1" / "trainer_state.json").is_file()
+    resumed = run_script("train.py", *COMMON, "--max_steps=6", cwd=tmp_path)
+    assert "resuming from" in resumed.stdout and "(step 1)" in resumed.stdout
+    results = json.loads((tmp_path / ADAPTER / "train_results.json").read_text())
+    assert (results["steps"], results["resumed_from_step"]) == (6, 1)

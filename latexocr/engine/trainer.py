@@ -116,6 +116,30 @@ class WorkerSeeds(TrainerCallback):
             loader.generator = torch.Generator().manual_seed(self.seed)
 
 
+class TimeLimit(TrainerCallback):
+    """Training stops at the first optimizer step after `minutes` of it and saves, as at its last step (the
+    schedule is not shortened: the learning rate is where that step left it). With several processes they stop at
+    the same step: the slowest clock decides."""
+
+    def __init__(self, minutes: float):
+        self.seconds, self.started = 60 * minutes, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        over = time.perf_counter() - self.started >= self.seconds
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor(float(over), device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            over = bool(flag.item())
+        if over and not control.should_training_stop:
+            control.should_training_stop = control.should_save = True
+            if state.is_world_process_zero:
+                print(f"time limit: {self.seconds / 60:g} minutes of training reached at step {state.global_step} "
+                      f"of {state.max_steps}; saving")
+
+
 class ReadableFiles(TrainerCallback):
     """Each checkpoint's files with the mode a plain open() gives (safetensors writes them for the owner alone), so
     that another user or a server can read the weights."""
