@@ -31,14 +31,15 @@ TINY = False  # the CPU smoke run: few formulas, a tiny model, a few steps
 FORMULAS_PATH = str(ROOT.parent / "shared" / "data" / "latex_ocr_val_formulas.txt")
 TRAIN_REAL = 7475  # the file's first lines, trained on
 TEST_REAL = 1000  # the file's last lines, scored by infer.py and never trained on
-SYNTHETIC = 40000  # synthetic formulas trained on besides the real ones
+SYNTHETIC = 20000  # synthetic formulas trained on besides the real ones (rendering: about 500 a second on 16 cores)
 TEXT_HIDDEN, TEXT_LAYERS, TEXT_HEADS = 512, 8, 8  # language model (head 64 wide)
 VISION_WIDTH, VISION_DEPTH, VISION_HEADS = 384, 6, 6  # vision tower
 BATCH_SIZE = 128  # samples per optimizer step
 LEARNING_RATE = 8e-4
-WARMUP_STEPS = 300
-MAX_STEPS = 4000  # optimizer steps; chosen so that the whole run fits ten minutes on an H200 (see docs/speed.md)
-SAVE_STEPS = 500  # a checkpoint, and a point of the held-out curve, every so many steps
+WARMUP_STEPS = 100
+MAX_STEPS = 1300  # optimizer steps: about 6 minutes at the 457 samples/s of the first run (docs/from_scratch.md)
+TRAIN_MINUTES = 6.0  # train.py's --max_minutes: training stops there, saved, so that the whole run fits 10 minutes
+SAVE_STEPS = 260  # a checkpoint, and a point of the held-out curve, every so many steps
 NUM_WORKERS = 12  # train.py's DataLoader processes
 RENDER_PROCESSES = 0  # processes rendering formulas; 0 = one per CPU core
 CURVE_IMAGES = 200  # held-out images each checkpoint scores for the curve
@@ -55,6 +56,7 @@ from latexocr.data import read_conversations, write_conversations  # noqa: E402
 
 if TINY:
     TRAIN_REAL, TEST_REAL, SYNTHETIC, BATCH_SIZE, MAX_STEPS, SAVE_STEPS, WARMUP_STEPS = 60, 24, 120, 8, 12, 6, 2
+    TRAIN_MINUTES = 0.0
     TEXT_HIDDEN, TEXT_LAYERS, TEXT_HEADS, VISION_WIDTH, VISION_DEPTH, VISION_HEADS = 64, 2, 4, 64, 2, 4
     NUM_WORKERS, CURVE_IMAGES, MAX_NEW_TOKENS, VAL_IMAGES = 0, 8, 16, 4
 SPEEDRUN_DIMENSIONS = dict(hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=TEXT_LAYERS,
@@ -163,8 +165,10 @@ run_dir = results_dir / "run"
 train_s = run("train.py", f"--model_id={model_dir}", "--train_json_path=train.json", "--val_json_path=val.json",
               f"--output_dir={run_dir}", "--tuner=full", "--train_vision=all", f"--batch_size={BATCH_SIZE}",
               f"--learning_rate={LEARNING_RATE}", "--lr_scheduler_type=cosine", f"--warmup_steps={WARMUP_STEPS}",
-              f"--max_steps={MAX_STEPS}", f"--save_steps={SAVE_STEPS}", f"--keep_checkpoints={MAX_STEPS}",
-              "--logging_steps=20", f"--num_workers={NUM_WORKERS}", f"--eval_max_new_tokens={MAX_NEW_TOKENS}", "--swanlab_mode=disabled", "--resume=false",
+              f"--max_steps={MAX_STEPS}", f"--max_minutes={TRAIN_MINUTES}", f"--save_steps={SAVE_STEPS}",
+              f"--keep_checkpoints={MAX_STEPS}",
+              "--logging_steps=20", f"--num_workers={NUM_WORKERS}", f"--eval_max_new_tokens={MAX_NEW_TOKENS}",
+              "--swanlab_mode=disabled", "--resume=false",
               *(["--device=cpu"] if TINY else []))
 infer_s = run("infer.py", f"--output_dir={run_dir}", "--image=test.json", "--batch_size=256",
               f"--max_new_tokens={MAX_NEW_TOKENS}", *(["--device=cpu"] if TINY else []))

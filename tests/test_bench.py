@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from latexocr.data import read_conversations
 
 pytestmark = pytest.mark.slow  # runs the scripts as a user does
 
@@ -71,3 +72,32 @@ def test_peer_benchmark_smoke_run_measures_train_py_and_trl(tmp_path):
     assert rows["trl"]["adapter_parameters"] == rows["train.py"]["adapter_parameters"]  # the same LoRA
     assert rows["trl"]["train_py_samples_per_s"] == rows["train.py"]["samples_per_s"]  # the ratio's own train.py
     assert "| trl |" in (tmp_path / "peers.md").read_text()
+
+
+def test_memory_benchmark_runs_each_setting_through_train_py(tmp_path):
+    """Each TUNER x TRAIN_VISION row is a real train.py run: what trains grows from LoRA on the language model to
+    every weight, and a setting train.py refuses becomes a row saying why instead of stopping the table."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--tiny=true",
+                             "--settings=lora/none,lora/all,full/all,full/sideways", f"--results_dir={tmp_path}"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {(r["tuner"], r["train_vision"]): r for r in json.loads((tmp_path / "memory.json").read_text())["rows"]}
+    lora, lora_all, full = rows["lora", "none"], rows["lora", "all"], rows["full", "all"]
+    assert 0 < lora["trainable_parameters"] < lora_all["trainable_parameters"] < full["trainable_parameters"]
+    assert lora["steady_samples_per_s"] > 0 and lora["vision_cache"] and not full["vision_cache"]
+    assert "sideways" in rows["full", "sideways"]["failed"]
+    assert "| full / all | whole GPU |" in (tmp_path / "memory.md").read_text()
+
+
+def test_from_scratch_speedrun_smoke_run_scores_held_out_formulas_at_each_checkpoint(tmp_path):
+    """The speedrun's CPU mode: rendered formulas, train.py from random weights, infer.py on the held-out ones (none
+    of them trained on), a held-out point per checkpoint on the curve, and the picture."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "from_scratch.py"), "--tiny=true",
+                             f"--results_dir={tmp_path}"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "from_scratch.json").read_text())
+    train, test = ({s.text for s in read_conversations(tmp_path / f"{name}.json")} for name in ("train", "test"))
+    assert summary["test_samples"] == len(test) > 0 and not train & test
+    assert [point["step"] for point in summary["curve"]] == [6, 12]  # --save_steps=6 of 12 in the CPU mode
+    assert all(0 <= point["bleu"] <= 1 for point in summary["curve"])
+    assert summary["seconds"]["train_py"] > 0 and (tmp_path / "curve.png").stat().st_size > 10_000
