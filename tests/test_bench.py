@@ -71,3 +71,16 @@ def test_peer_benchmark_smoke_run_measures_train_py_and_trl(tmp_path):
     assert rows["trl"]["adapter_parameters"] == rows["train.py"]["adapter_parameters"]  # the same LoRA
     assert rows["trl"]["train_py_samples_per_s"] == rows["train.py"]["samples_per_s"]  # the ratio's own train.py
     assert "| trl |" in (tmp_path / "peers.md").read_text()
+
+
+def test_generation_benchmark_smoke_run_measures_every_mode(tmp_path):
+    """On a CPU the compiled modes run the static KV cache eagerly: the path a GPU compiles."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "generation.py"), "--tiny=true",
+                             f"--results_dir={tmp_path}"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "generation.json").read_text())
+    assert list(results["rows"]) == ["float32", "float32_compiled", "tfloat32", "tfloat32_compiled", "bfloat16",
+                                     "bfloat16_compiled"]
+    for row in results["rows"].values():
+        assert row["images_per_s"] > 0 and row["first_call_s"] > 0 and row["prompt_s_per_batch"] > 0
+    assert "| bfloat16_compiled |" in (tmp_path / "generation.md").read_text()
