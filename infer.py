@@ -11,6 +11,7 @@ Run:    python infer.py
         python infer.py --image=formula.png
         python infer.py --adapter=none          (the base model alone, to see what fine-tuning bought)
         python infer.py --precision=bfloat16    (half the memory; then a prediction can depend on the batch size)
+        python infer.py --compile_generation=false   (eager generate on a GPU: no half-minute compile, for few images)
         python infer.py --output_dir=output/Qwen2-VL-2B-LatexOCR-merged   (the model export.py merged)
 """
 
