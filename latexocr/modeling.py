@@ -154,11 +154,13 @@ def generation_model(model, dtype: torch.dtype):
 # --- generation with a static KV cache, its decode step as CUDA graphs ---------
 # transformers' generate with cache_implementation="static" and a CompileConfig runs the prompt once, eagerly (the
 # prefill), and compiles the step that decodes one token for every row (torch.compile, mode reduce-overhead: CUDA
-# graphs). That step's shapes are the batch's rows and the cache's length, not the prompt's (its positions and the
-# padding mask reach it as tensors of the cache's length), so prompts need no padding to a bucket: every batch gets
-# the same rows, and the cache a length from buckets of prompt length. Each new shape compiles again: the first call
-# took 24 s (bf16) to 33 s (fp32) for Qwen2-VL-2B at batch 64 on an H200. There, with 64 new tokens per image, eager
-# bf16 made 41.1 images/s and compiled bf16 113.4; fp32 30.6 and 32.4 (its full-precision products are the limit).
+# graphs). That step's shapes are the batch's rows and the cache's length, not the prompt's (one token and its
+# positions per row, and a padding mask as long as the cache), so prompts need no padding to a bucket: batches of
+# other prompt lengths in one bucket compile once (tests/test_generation.py). Every batch gets the same rows, and
+# the cache a length from buckets of prompt length (static_cache_length). Each new shape compiles again: the first
+# call took 24 s (bf16) to 33 s (fp32) for Qwen2-VL-2B at batch 64 on an H200. There, with 64 new tokens per image,
+# eager bf16 made 41.1 images/s and compiled bf16 113.4; fp32 30.6 and 32.4 (its prompt and vision passes in full
+# fp32 take most of its time, probably).
 # Buckets of 128 tokens: prompts of up to 640 tokens (Qwen2-VL's with 512 image tokens are about 540) fall in 5, so
 # at most 5 shapes, within torch.compile's 8 recompiles of one function; the cost is a cache up to 127 tokens longer
 # than needed, masked entries the decode step's attention reads.

@@ -138,10 +138,9 @@ def load(output_dir: str | Path, adapter: str = "", model_id: str = "", precisio
         model = modeling.load_adapter(model, adapter_dir, model_id)
     model = modeling.generation_model(model, dtype)
     compiled = modeling.compiles_generation(compile_generation, device)
+    generation = (", static KV cache" + (" and CUDA graphs" if device.startswith("cuda") else "")) if compiled else ""
     description = model_id + (f" + adapter {adapter_dir}" if use_adapter else " (whole model)" if whole
-                              else " (no adapter)") + f" on {device}, in {precision}" + (
-                                  ", static KV cache" + (" and CUDA graphs" if device.startswith("cuda") else "")
-                                  if compiled else "")
+                              else " (no adapter)") + f" on {device}, in {precision}{generation}"
     return Predictor(model, processor, train_config["prompt"], chat.recorded_sizing(train_config), description,
                      train_config, compiled)
 
