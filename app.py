@@ -26,6 +26,7 @@ MAX_NEW_TOKENS = 256  # generation cap per formula
 DEVICE = "auto"  # auto (CUDA if present) | cuda | cpu
 EXAMPLES = 4  # val images offered as examples; 0 = none
 MAX_IMAGE_PIXELS = 20_000_000  # px (width x height); a larger upload gets a message, not a prediction
+COMPILE_GENERATION = "false"  # auto (on a CUDA GPU) | true | false: static KV cache and CUDA graphs for decode steps
 # -----------------------------------------------------------------------------
 config = apply_overrides(globals(), rules=settings.APP)
 
@@ -41,7 +42,9 @@ examples = app_page.example_images(train_config, EXAMPLES)
 print(f"examples: {len(examples)} val image(s)")
 
 # --- model -------------------------------------------------------------------
-run = predictor.load(OUTPUT_DIR, ADAPTER, MODEL_ID, precision, DEVICE)
+# COMPILE_GENERATION is false by default: the page reads one image per request, and a request whose image needs a
+# longer cache than any before would wait half a minute while its CUDA graphs compile
+run = predictor.load(OUTPUT_DIR, ADAPTER, MODEL_ID, precision, DEVICE, COMPILE_GENERATION)
 print(f"model: {run.description}")
 
 # --- serve -------------------------------------------------------------------

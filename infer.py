@@ -11,6 +11,7 @@ Run:    python infer.py
         python infer.py --image=formula.png
         python infer.py --adapter=none          (the base model alone, to see what fine-tuning bought)
         python infer.py --precision=bfloat16    (half the memory; then a prediction can depend on the batch size)
+        python infer.py --compile_generation=false   (eager generate on a GPU: no half-minute compile, for few images)
         python infer.py --output_dir=output/Qwen2-VL-2B-LatexOCR-merged   (the model export.py merged)
 """
 
@@ -31,6 +32,7 @@ MAX_NEW_TOKENS = 256  # generation cap per formula
 PRECISION = "float32"  # float32 (an image's prediction is the same at any batch size) | bfloat16 (half the memory)
 RENDER_FORMULAS = True  # render predictions and references: render_match and pictures in report.html
 DEVICE = "auto"  # auto (CUDA if present) | cuda | cpu
+COMPILE_GENERATION = "auto"  # auto (on a CUDA GPU) | true | false: static KV cache and CUDA graphs for the decode steps
 # -----------------------------------------------------------------------------
 config = apply_overrides(globals(), rules=settings.INFER)
 
@@ -65,13 +67,13 @@ if unlabelled and source.suffix.lower() == ".json":
 print(f"data: {len(samples)} image(s) from {source}" + (" with ground truth" if has_references else ""))
 
 # --- model -------------------------------------------------------------------
-run = predictor.load(OUTPUT_DIR, ADAPTER, MODEL_ID, PRECISION, DEVICE)
+run = predictor.load(OUTPUT_DIR, ADAPTER, MODEL_ID, PRECISION, DEVICE, COMPILE_GENERATION)
 print(f"model: {run.description}")
 
 # --- predict -----------------------------------------------------------------
 if has_references:
     evaluate.evaluate(run.model, run.processor, samples, run.prompt, run.image_sizing, results_dir, BATCH_SIZE,
-                      MAX_NEW_TOKENS, render_formulas=RENDER_FORMULAS)
+                      MAX_NEW_TOKENS, render_formulas=RENDER_FORMULAS, compile_generation=run.compile_generation)
 else:
     predictions = run.predict([s.image for s in samples], BATCH_SIZE, MAX_NEW_TOKENS)
     for sample, prediction in zip(samples, predictions):

@@ -62,6 +62,7 @@ MAX_LENGTH = 2048  # tokens per sample (image + prompt + answer); longer samples
 EVAL_BATCH_SIZE = 64  # images per generation batch
 EVAL_MAX_NEW_TOKENS = 256  # generation cap per formula (real formulas: p95 ~112 tokens)
 EVAL_PRECISION = "float32"  # float32 (as infer.py: a prediction does not depend on the batch size) | bfloat16
+EVAL_COMPILE_GENERATION = "auto"  # auto (on a CUDA GPU) | true | false: static KV cache, CUDA graphs for decode steps
 # -----------------------------------------------------------------------------
 config = apply_overrides(globals(), rules=settings.TRAIN)
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation, more fits
@@ -237,9 +238,15 @@ if processes.main and val_samples and sharded:
 elif processes.main and val_samples:
     runtime.drop_optimizer_state(trainer)  # AdamW's moments go, to make room for the fp32 weights
     model = modeling.generation_model(model, modeling.generation_dtype(EVAL_PRECISION))  # the weights are saved
-    with torch.compiler.set_stance("force_eager"):  # generation's growing shapes would only recompile
+    # --torch_compile's layers were compiled for training's shapes: generation's would only recompile them, so with
+    # it generation is eager
+    compile_generation = modeling.compiles_generation(EVAL_COMPILE_GENERATION, DEVICE) and not TORCH_COMPILE
+    if compile_generation and on_gpu:
+        print("eval: static KV cache, the decode steps as CUDA graphs (each new cache length compiles first, about "
+              "half a minute; --eval_compile_generation=false generates eagerly)")
+    with torch.compiler.set_stance("default" if compile_generation else "force_eager"):
         metrics = evaluate.evaluate(model, processor, val_samples, PROMPT, image_sizing, Path(OUTPUT_DIR) / "eval",
-                                    EVAL_BATCH_SIZE, EVAL_MAX_NEW_TOKENS)
+                                    EVAL_BATCH_SIZE, EVAL_MAX_NEW_TOKENS, compile_generation=compile_generation)
     tracker.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     if tracker.mode != "disabled":
         tracker.log({"eval/predictions": evaluate.swanlab_images(Path(OUTPUT_DIR) / "eval")})

@@ -1,9 +1,11 @@
 """How often the way a prediction is made changes it, on a model that reads (the one bench/from_scratch.py trains).
 
 Random weights cannot tell: their logits are nearly flat and any rounding flips a greedy choice. A trained model
-can. Against fp32 one image at a time (the reference), this counts the held-out images whose prediction differs
-with batches of BATCH_SIZE, in bf16, and both; and whether train.py's own evaluation, infer.py and the model
-export.py writes predict the same. Predictions are made by the package's predictor, as infer.py makes them.
+can. Against fp32 eager generate one image at a time (the reference), this counts the held-out images whose
+prediction differs in each of MODES (bench/workload.py: fp32, TF32 and bf16, each eager and on the static KV cache
+with CUDA graphs, infer.py's --compile_generation), one image at a time and in batches of BATCH_SIZE, with the
+seconds each took (a compiled one's compiling included); and whether train.py's own evaluation, infer.py and the
+model export.py writes predict the same. Predictions are made by the package's predictor, as infer.py makes them.
 
 Reads:  RUN_DIR (train.py's output of bench/from_scratch.py, with eval/ when it had a val set) and TEST_JSON
 Writes: RUN_DIR/agreement.json; prints the table
@@ -28,23 +30,35 @@ IMAGES = 64  # held-out images compared (each is also generated alone: the slow 
 BATCH_SIZE = 64
 MAX_NEW_TOKENS = 200
 DEVICE = "auto"
+MODES = "float32,float32_compiled,tfloat32,tfloat32_compiled,bfloat16,bfloat16_compiled"  # float32 is the reference
 # -----------------------------------------------------------------------------
 config = apply_overrides(globals())
 
-from latexocr import predictor  # noqa: E402
+import torch  # noqa: E402
+
+from bench import workload  # noqa: E402
+from latexocr import modeling, predictor  # noqa: E402
 from latexocr.data import read_conversations  # noqa: E402
 
+modes = workload.generation_modes(MODES)
+if "float32" not in modes:
+    raise SystemExit(f"--modes={MODES}: float32 (eager, the reference the others are compared with) must be one.")
 run_dir, images = Path(RUN_DIR).resolve(), [s.image for s in read_conversations(TEST_JSON)[:IMAGES]]
-results, predictions = dict(images=len(images), batch_size=BATCH_SIZE), {}
-for precision in ("float32", "bfloat16"):
-    run = predictor.load(run_dir, precision=precision, device=DEVICE)
+results, predictions, loaded = dict(images=len(images), batch_size=BATCH_SIZE), {}, ""
+for mode in modes:
+    precision, tf32, compiled = workload.GENERATION_MODES[mode]
+    if precision != loaded:  # the fp32 modes come first: each precision loads once
+        run, loaded = predictor.load(run_dir, precision=precision, device=DEVICE), precision
     for batch in (1, BATCH_SIZE):
+        torch.compiler.reset()  # each compiles its own graphs: its rows, precision and TF32 setting
         start = time.perf_counter()
-        predictions[(precision, batch)] = run.predict(images, batch, MAX_NEW_TOKENS, show_progress=False)
-        results[f"{precision}_batch_{batch}_s"] = time.perf_counter() - start
+        predictions[(mode, batch)] = modeling.predict(run.model, run.processor, images, run.prompt, run.image_sizing,
+                                                      batch, MAX_NEW_TOKENS, show_progress=False,
+                                                      compile_generation=compiled, tf32=tf32)
+        results[f"{mode}_batch_{batch}_s"] = time.perf_counter() - start
 reference = predictions[("float32", 1)]
-for (precision, batch), predicted in predictions.items():
-    results[f"{precision}_batch_{batch}_differ"] = sum(a != b for a, b in zip(predicted, reference))
+for (mode, batch), predicted in predictions.items():
+    results[f"{mode}_batch_{batch}_differ"] = sum(a != b for a, b in zip(predicted, reference))
 
 evaluated = run_dir / "eval" / "predictions.jsonl"
 if evaluated.is_file():  # train.py's evaluation against the reference, for the images both predicted
@@ -62,10 +76,12 @@ exported = [json.loads(line)["prediction"] for line in (export_dir / "infer" / "
 results["exported_differ"] = sum(a != b for a, b in zip(exported, reference))
 
 (run_dir / "agreement.json").write_text(json.dumps(results, indent=1) + "\n")
-print(f"| against fp32, one image at a time ({len(images)} held-out images) | predictions that differ |")
-print("|---|---|")
-for (precision, batch) in predictions:
-    print(f"| {precision}, batches of {batch} | {results[f'{precision}_batch_{batch}_differ']} |")
+print(f"| against fp32 eager, one image at a time ({len(images)} held-out images) | predictions that differ | s |")
+print("|---|---|---|")
+for (mode, batch) in predictions:
+    print(f"| {mode}, batches of {batch} | {results[f'{mode}_batch_{batch}_differ']} | "
+          f"{results[f'{mode}_batch_{batch}_s']:.1f} |")
 if "train_eval_compared" in results:
-    print(f"| train.py's evaluation ({results['train_eval_compared']} images) | {results['train_eval_differ']} |")
-print(f"| infer.py on export.py's model, fp32, batches of {BATCH_SIZE} | {results['exported_differ']} |")
+    print(f"| train.py's evaluation ({results['train_eval_compared']} images) | {results['train_eval_differ']} | |")
+print(f"| infer.py on export.py's model, fp32, batches of {BATCH_SIZE}, its default --compile_generation | "
+      f"{results['exported_differ']} | |")

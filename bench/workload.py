@@ -1,4 +1,5 @@
-"""What every benchmark row trains on: one model folder and one train.json, built once per results folder.
+"""What every benchmark row trains on: one model folder and one train.json, built once per results folder; and the
+ways of generating the generation benchmarks compare.
 
 bench/speed.py and bench/peers.py both read these, so that the tutorial recipe, train.py and the peers
 measure the same work: the Qwen2-VL-2B shape with random weights (compute and memory do not depend on
@@ -11,6 +12,21 @@ import torch
 
 from latexocr import modeling, render, tiny
 from latexocr.data import write_conversations
+
+# How bench/generation.py and bench/agreement.py generate: mode -> (precision, fp32 products in TF32, compiled:
+# modeling.predict's static KV cache with the decode step as CUDA graphs). tfloat32: fp32 weights, TF32 products.
+GENERATION_MODES = {"float32": ("float32", False, False), "float32_compiled": ("float32", False, True),
+                    "tfloat32": ("float32", True, False), "tfloat32_compiled": ("float32", True, True),
+                    "bfloat16": ("bfloat16", False, False), "bfloat16_compiled": ("bfloat16", False, True)}
+
+
+def generation_modes(names: str) -> list[str]:
+    """The comma-separated mode names, checked, the fp32 ones first (fp32 weights are cast to bf16 once, not back)."""
+    modes = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = [name for name in modes if name not in GENERATION_MODES]
+    if unknown or not modes:
+        raise SystemExit(f"--modes={names}: expected comma-separated names from {', '.join(GENERATION_MODES)}.")
+    return sorted(modes, key=lambda name: GENERATION_MODES[name][0] == "bfloat16")
 
 
 def model_folder(results_dir: Path, tiny_model: bool, tokenizer: str = "qwen2") -> Path:

@@ -20,9 +20,10 @@ from latexocr.data import Sample, atomic_write_text, open_image
 
 def evaluate(model, processor, samples: list[Sample], prompt: str, image_sizing: dict,
              eval_dir: Path, batch_size: int, max_new_tokens: int, render_formulas: bool = True,
-             worst: int = 3, best: int = 2) -> dict:
-    """Score `samples` (with references); print the `worst` and `best` predictions, the metrics table and the path of
-    the report, which shows them all."""
+             worst: int = 3, best: int = 2, compile_generation: bool = False) -> dict:
+    """Score `samples` (with references), predicted by modeling.predict (compile_generation: its static cache and
+    CUDA graphs); print the `worst` and `best` predictions, the metrics table and the path of the report, which
+    shows them all."""
     if not samples:
         raise SystemExit("no samples to score.")
     unlabelled = [s.id for s in samples if not s.text.strip()]
@@ -30,7 +31,7 @@ def evaluate(model, processor, samples: list[Sample], prompt: str, image_sizing:
         raise SystemExit(f"{len(unlabelled)} sample(s) have an empty reference (first: {unlabelled[0]}); they cannot "
                          "be scored. Fill them in, or leave them out.")
     predictions = modeling.predict(model, processor, [s.image for s in samples], prompt, image_sizing,
-                                   batch_size, max_new_tokens)
+                                   batch_size, max_new_tokens, compile_generation=compile_generation)
     references = [s.text for s in samples]
     scores = metrics.score(predictions, references)
     rows = [dict(id=s.id, image=str(s.image), prediction=p, reference=s.text, **metrics.sample_scores(p, s.text))

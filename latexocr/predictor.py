@@ -106,17 +106,19 @@ class Predictor:
     image_sizing: dict
     description: str  # what was loaded, for the user: "tiny-random + adapter output/...", "... (whole model)"
     train_config: dict
+    compile_generation: bool  # a static KV cache, and CUDA graphs for the decode steps on a GPU (modeling.predict)
 
     def predict(self, images: list, batch_size: int = 64, max_new_tokens: int = 256,
                 show_progress: bool = True) -> list[str]:
         return modeling.predict(self.model, self.processor, images, self.prompt, self.image_sizing, batch_size,
-                                max_new_tokens, show_progress)
+                                max_new_tokens, show_progress, self.compile_generation)
 
 
 def load(output_dir: str | Path, adapter: str = "", model_id: str = "", precision: str = "float32",
-         device: str = "auto") -> Predictor:
+         device: str = "auto", compile_generation: str = "false") -> Predictor:
     """The run in output_dir ready to predict. adapter: another adapter folder, or "none" for the base model alone;
-    model_id: another base model than the one training recorded."""
+    model_id: another base model than the one training recorded; compile_generation: auto (on a CUDA GPU) | true |
+    false."""
     train_config = read_train_config(output_dir)
     whole = holds_whole_model(output_dir)
     use_adapter = adapter.lower() != "none" and not whole
@@ -135,10 +137,12 @@ def load(output_dir: str | Path, adapter: str = "", model_id: str = "", precisio
     if use_adapter:
         model = modeling.load_adapter(model, adapter_dir, model_id)
     model = modeling.generation_model(model, dtype)
+    compiled = modeling.compiles_generation(compile_generation, device)
+    generation = (", static KV cache" + (" and CUDA graphs" if device.startswith("cuda") else "")) if compiled else ""
     description = model_id + (f" + adapter {adapter_dir}" if use_adapter else " (whole model)" if whole
-                              else " (no adapter)") + f" on {device}, in {precision}"
+                              else " (no adapter)") + f" on {device}, in {precision}{generation}"
     return Predictor(model, processor, train_config["prompt"], chat.recorded_sizing(train_config), description,
-                     train_config)
+                     train_config, compiled)
 
 
 # --- export.py's folder ------------------------------------------------------

@@ -156,10 +156,10 @@ TRAIN = dict(
     save_steps=positive, keep_checkpoints=positive, num_workers=at_least_zero, device=DEVICE,
     gpu_memory_gib=at_least_zero, distributed=one_of("ddp", "zero2", "zero3", "fsdp"),
     swanlab_mode=one_of("auto", "cloud", "local", "offline", "disabled"), max_length=positive,
-    eval_batch_size=positive, eval_max_new_tokens=positive, eval_precision=PRECISION)
+    eval_batch_size=positive, eval_max_new_tokens=positive, eval_precision=PRECISION, eval_compile_generation=SWITCH)
 INFER = dict(results_dir=optional(output_folder), batch_size=positive, max_new_tokens=positive, precision=PRECISION,
-             device=DEVICE)
+             device=DEVICE, compile_generation=SWITCH)
 EXPORT = dict(export_dir=optional(output_folder), dtype=one_of("auto", "bfloat16", "float16", "float32"),
               device=DEVICE, max_shard_size=shard_size)
 APP = dict(host=listen_address, port=tcp_port, precision=optional(PRECISION), max_new_tokens=positive, device=DEVICE,
-           examples=at_least_zero, max_image_pixels=positive)
+           examples=at_least_zero, max_image_pixels=positive, compile_generation=SWITCH)

@@ -101,3 +101,16 @@ def test_from_scratch_speedrun_smoke_run_scores_held_out_formulas_at_each_checkp
     assert [point["step"] for point in summary["curve"]] == [6, 12]  # --save_steps=6 of 12 in the CPU mode
     assert all(0 <= point["bleu"] <= 1 for point in summary["curve"])
     assert summary["seconds"]["train_py"] > 0 and (tmp_path / "curve.png").stat().st_size > 10_000
+
+
+def test_generation_benchmark_smoke_run_measures_every_mode(tmp_path):
+    """On a CPU the compiled modes run the static KV cache eagerly: the path a GPU compiles."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "generation.py"), "--tiny=true",
+                             f"--results_dir={tmp_path}"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "generation.json").read_text())
+    assert list(results["rows"]) == ["float32", "float32_compiled", "tfloat32", "tfloat32_compiled", "bfloat16",
+                                     "bfloat16_compiled"]
+    for row in results["rows"].values():
+        assert row["images_per_s"] > 0 and row["first_call_s"] > 0 and row["prompt_s_per_batch"] > 0
+    assert "| bfloat16_compiled |" in (tmp_path / "generation.md").read_text()

@@ -115,12 +115,13 @@ def test_learning_the_pipeline_can_overfit_eight_formulas_exactly(model_id, tmp_
     run_script("train.py", f"--model_id={model_id}", "--train_json_path=eight.json", "--val_json_path=eight.json",
                "--batch_size=8", "--max_steps=300", f"--learning_rate={learning_rate}",
                "--lr_scheduler_type=constant", "--logging_steps=50", "--save_steps=1000", "--swanlab_mode=disabled",
-               "--num_workers=0", *tuning, cwd=tmp_path)
+               "--num_workers=0", "--eval_compile_generation=true", *tuning, cwd=tmp_path)
     result = run_script("infer.py", "--image=eight.json", cwd=tmp_path)
     predictions = [json.loads(line) for line in (tmp_path / ADAPTER_DIR / "infer" / "predictions.jsonl").open()]
     wrong = [(p["prediction"], p["reference"]) for p in predictions if p["prediction"] != p["reference"]]
     assert len(predictions) == 8 and not wrong, result.stdout
-    # train.py's own evaluation, in the same process that trained, predicts what infer.py does
+    # train.py's own evaluation, in the same process that trained and on the static KV cache (eagerly, on a CPU),
+    # predicts what infer.py's eager generate does
     evaluated = [json.loads(line) for line in (tmp_path / ADAPTER_DIR / "eval" / "predictions.jsonl").open()]
     assert [p["prediction"] for p in evaluated] == [p["prediction"] for p in predictions]
 

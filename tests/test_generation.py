@@ -1,0 +1,135 @@
+"""Generation with a static KV cache (compile_generation): the predictions of eager generate, whatever the batch.
+
+On a CPU the static cache runs eagerly, the path the GPU compiles; a counting torch.compile backend checks that
+the batches compile only for the shapes the cache's buckets promise. The compiled CUDA graphs themselves are
+checked on a GPU (python -m pytest -q -m gpu tests/test_generation.py)."""
+
+import itertools
+
+import pytest
+import torch
+from transformers import CompileConfig
+
+from latexocr import chat, modeling
+from latexocr.synth import synthetic_samples
+
+SETTINGS = dict(prompt=chat.PROMPT, image_sizing=chat.sizing(), max_new_tokens=16, show_progress=False)
+
+
+def opinionated(model):
+    """Larger random weights (as tests/test_predict.py's), so that different images get different outputs."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0, 0.15, generator=generator)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(tiny_model_dir):
+    model, processor = modeling.load_base_model(tiny_model_dir, "cpu")
+    return opinionated(model), processor
+
+
+def formula_images(n: int, seed: int, wide: tuple[int, ...] = ()) -> list:
+    """n synthetic formula images; those at the positions in `wide` stretched to 1200 x 160 px (245 image tokens),
+    so that their prompts fall in a longer bucket than the others' (about 80 tokens)."""
+    images = [image for image, _ in itertools.islice(synthetic_samples(n, seed=seed), n)]
+    return [image.resize((1200, 160)) if i in wide else image for i, image in enumerate(images)]
+
+
+def prompt_lengths(processor, images: list, batch_size: int) -> list[int]:
+    """The left-padded prompt length of each batch predict() forms."""
+    return [chat.encode_prompts(processor, [chat.load_image(image, chat.sizing()) for image in
+                                            images[start:start + batch_size]], chat.PROMPT)["input_ids"].shape[1]
+            for start in range(0, len(images), batch_size)]
+
+
+def test_the_static_cache_predicts_what_eager_generate_does(model_and_processor):
+    model, processor = model_and_processor
+    images = formula_images(7, seed=5, wide=(4,))
+    assert len({image.size for image in images}) > 3  # prompts of different lengths: left padding is exercised
+    lengths = prompt_lengths(processor, images, 3)  # 3 + 3 + a last batch of 1, padded to 3
+    assert len({modeling.static_cache_length(n, 16) for n in lengths}) == 2  # two cache lengths
+    eager = modeling.predict(model, processor, images, batch_size=3, **SETTINGS)
+    static = modeling.predict(model, processor, images, batch_size=3, compile_generation=True, **SETTINGS)
+    assert static == eager
+    assert len(set(eager)) > 3  # the outputs depend on the image, so equality means something
+
+
+def test_a_static_cache_prediction_depends_on_neither_the_batch_size_nor_the_place_in_it(model_and_processor):
+    model, processor = model_and_processor
+    images = formula_images(5, seed=7, wide=(1,))
+    alone = [modeling.predict(model, processor, [image], batch_size=1, **SETTINGS)[0] for image in images]
+    assert len(set(alone)) > 2
+    for batch_size in (1, 2, 4):  # 4: a last batch of one image, padded with three copies of it
+        assert modeling.predict(model, processor, images, batch_size=batch_size, compile_generation=True,
+                                **SETTINGS) == alone
+    reversed_order = modeling.predict(model, processor, images[::-1], batch_size=3, compile_generation=True,
+                                      **SETTINGS)
+    assert reversed_order == alone[::-1]
+
+
+def test_the_cache_length_buckets_bound_the_shapes():
+    multiple = modeling.CACHE_LENGTH_MULTIPLE
+    assert modeling.static_cache_length(1, 256) == modeling.static_cache_length(multiple, 256) == multiple + 256
+    assert modeling.static_cache_length(multiple + 1, 256) == 2 * multiple + 256
+    # Every prompt up to 640 tokens (Qwen2-VL's longest at 512 image tokens are about 540) in 5 lengths
+    assert len({modeling.static_cache_length(n, 256) for n in range(1, 641)}) == 5
+    # A shorter prompt after a longer one reuses the longer cache: a shape is new only when the cache grows
+    shapes = modeling.decode_shapes([70, 300, 80, 130, 700, 20], 64, 256)
+    assert shapes == [(64, multiple + 256), (64, 3 * multiple + 256), (64, 6 * multiple + 256)]
+    assert modeling.decode_shapes([600, 70, 300], 1, 256) == [(1, 5 * multiple + 256)]
+
+
+def test_batches_compile_once_per_shape_the_buckets_promise(tiny_model_dir, monkeypatch):
+    """torch.compile on the CPU with a backend that counts the graphs it is given and runs them eagerly."""
+    model, processor = modeling.load_base_model(tiny_model_dir, "cpu")  # its own: no longer cache from other tests
+    model = opinionated(model)
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    def counting_config(device):
+        config = CompileConfig(backend=counting_backend, mode=None, dynamic=False)
+        config._compile_all_devices = True  # transformers compiles on a GPU only, unless told
+        return config
+    monkeypatch.setattr(modeling, "decode_compile_config", counting_config)
+    images = formula_images(10, seed=3, wide=(3, 4))  # batches of 3: short, long, short, and a last one of 1
+    lengths = prompt_lengths(processor, images, 3)
+    shapes = modeling.decode_shapes(lengths, 3, SETTINGS["max_new_tokens"])
+    assert len(lengths) == 4 and len(shapes) == 2
+    torch.compiler.reset()
+    try:
+        compiled = modeling.predict(model, processor, images, batch_size=3, compile_generation=True, **SETTINGS)
+    finally:
+        torch.compiler.reset()
+    assert len(graphs) == len(shapes)
+    assert compiled == modeling.predict(model, processor, images, batch_size=3, **SETTINGS)
+
+
+def test_the_setting_compiles_on_a_gpu_when_auto():
+    assert modeling.compiles_generation("auto", "cuda") and modeling.compiles_generation("auto", "cuda:1")
+    assert not modeling.compiles_generation("auto", "cpu")
+    assert modeling.compiles_generation("true", "cpu") and not modeling.compiles_generation("false", "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_generation_on_a_gpu_predicts_what_eager_generate_does_in_float32(model_and_processor):
+    model, processor = model_and_processor
+    model = model.to("cuda")
+    images = formula_images(7, seed=5, wide=(4,))
+    try:
+        torch.compiler.reset()
+        eager = modeling.predict(model, processor, images, batch_size=3, **SETTINGS)
+        compiled = modeling.predict(model, processor, images, batch_size=3, compile_generation=True, **SETTINGS)
+        again = modeling.predict(model, processor, images, batch_size=3, compile_generation=True, **SETTINGS)
+    finally:
+        torch.compiler.reset()
+        model.to("cpu")
+    assert compiled == again == eager
+    assert len(set(eager)) > 3
