@@ -32,7 +32,7 @@ MAX_NEW_TOKENS = 256  # generation cap per formula
 PRECISION = "float32"  # float32 (an image's prediction is the same at any batch size) | bfloat16 (half the memory)
 RENDER_FORMULAS = True  # render predictions and references: render_match and pictures in report.html
 DEVICE = "auto"  # auto (CUDA if present) | cuda | cpu
-COMPILE_GENERATION = "auto"  # auto (on a CUDA GPU) | true | false: static KV cache and CUDA graphs for the decode steps
+COMPILE_GENERATION = "auto"  # auto (a CUDA GPU, bfloat16) | true | false: static KV cache, decode steps as CUDA graphs
 # -----------------------------------------------------------------------------
 config = apply_overrides(globals(), rules=settings.INFER)
 

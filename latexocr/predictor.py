@@ -117,7 +117,7 @@ class Predictor:
 def load(output_dir: str | Path, adapter: str = "", model_id: str = "", precision: str = "float32",
          device: str = "auto", compile_generation: str = "false") -> Predictor:
     """The run in output_dir ready to predict. adapter: another adapter folder, or "none" for the base model alone;
-    model_id: another base model than the one training recorded; compile_generation: auto (on a CUDA GPU) | true |
+    model_id: another base model than the one training recorded; compile_generation: auto (on a CUDA GPU in bf16) | true |
     false."""
     train_config = read_train_config(output_dir)
     whole = holds_whole_model(output_dir)
@@ -137,7 +137,7 @@ def load(output_dir: str | Path, adapter: str = "", model_id: str = "", precisio
     if use_adapter:
         model = modeling.load_adapter(model, adapter_dir, model_id)
     model = modeling.generation_model(model, dtype)
-    compiled = modeling.compiles_generation(compile_generation, device)
+    compiled = modeling.compiles_generation(compile_generation, device, dtype)
     generation = (", static KV cache" + (" and CUDA graphs" if device.startswith("cuda") else "")) if compiled else ""
     description = model_id + (f" + adapter {adapter_dir}" if use_adapter else " (whole model)" if whole
                               else " (no adapter)") + f" on {device}, in {precision}{generation}"

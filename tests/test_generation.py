@@ -112,9 +112,11 @@ def test_batches_compile_once_per_shape_the_buckets_promise(tiny_model_dir, monk
 
 
 def test_the_setting_compiles_on_a_gpu_when_auto():
-    assert modeling.compiles_generation("auto", "cuda") and modeling.compiles_generation("auto", "cuda:1")
-    assert not modeling.compiles_generation("auto", "cpu")
-    assert modeling.compiles_generation("true", "cpu") and not modeling.compiles_generation("false", "cuda")
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert modeling.compiles_generation("auto", "cuda", bf16) and modeling.compiles_generation("auto", "cuda:1", bf16)
+    assert not modeling.compiles_generation("auto", "cpu", bf16)
+    assert not modeling.compiles_generation("auto", "cuda", fp32)  # where compiling did not pay
+    assert modeling.compiles_generation("true", "cpu", fp32) and not modeling.compiles_generation("false", "cuda", bf16)
 
 
 @pytest.mark.gpu

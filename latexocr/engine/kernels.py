@@ -17,8 +17,8 @@
   the kernel fails a first check against per-image attention, the model's own code runs.
 
 The modules changed are found by their place in the model (each decoder layer's norms and MLP, the final norm, each
-vision block's attention), not by class names. missing_internals() says, before any of it is used, which internal a library upgrade took away;
-train.py then trains the plain way (--fast=false) and says so.
+vision block's attention), not by class names. missing_internals() says, before any of it is used, which internal a
+library upgrade took away; train.py then trains the plain way (--fast=false) and says so.
 """
 
 import sys

@@ -81,7 +81,7 @@ def make_plan(s: Settings, model, collator: chat.TrainCollator, family, samples:
     if not s.fast:
         notes.append("vision cache: off (fast=false)")
     elif outside_language_model:
-        notes.append(f"vision cache: off, {outside_language_model} trains; every step runs the vision tower")
+        notes.append(f"vision cache: off with {outside_language_model} training; every step runs the vision tower")
     elif not s.vision_cache_gib:
         notes.append("vision cache: off (vision_cache_gib=0); every step runs the vision tower")
     elif sharded:
