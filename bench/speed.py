@@ -68,6 +68,12 @@ def patches_per_sample(samples: list[tuple[Path, str]], image_sizing: dict) -> f
     return sum((w // 14) * (h // 14) for w, h in sizes) / len(sizes)
 
 
+def real_tokens_per_sample(samples: list[tuple[Path, str]], image_sizing: dict) -> float:
+    """Tokens per sample without padding (image, template, prompt, answer): the work a step must do."""
+    collator = chat.TrainCollator(processor, chat.PROMPT, image_sizing)
+    return sum(collator([Sample(str(j), *samples[j])])["input_ids"].numel() for j in range(len(samples))) / len(samples)
+
+
 def padded_tokens_per_sample(samples: list[tuple[Path, str]], image_sizing: dict) -> float:
     """Tokens per sample in right-padded batches of 16, as train.py forms them (shuffled, seeded)."""
     collator = chat.TrainCollator(processor, chat.PROMPT, image_sizing)
@@ -141,6 +147,7 @@ for name, flags in [("ours_tutorial_size", ["--image_size=500x100"]), ("ours", [
             sizing = tutorial_sizing if "--image_size=500x100" in flags else chat.sizing()
             result["patches_per_sample"] = patches_per_sample(samples, sizing)
             result["tokens_per_sample"] = padded_tokens_per_sample(samples, sizing)
+            result["real_tokens_per_sample"] = real_tokens_per_sample(samples, sizing)
         results_path.write_text(json.dumps(results, indent=1) + "\n")
 for name in ("tutorial", "ours_tutorial_size", "ours", "ours_compiled", "ours_24gib", "ours_12gib"):
     if name in results and "failed" not in results[name]:
@@ -155,6 +162,9 @@ for name in ("tutorial", "ours_tutorial_size", "ours", "ours_compiled", "ours_24
         # With the vision cache a step does no vision FLOPs: they were done once, before training
         vision_patches = 0.0 if r.get("vision_cache_s") else r["patches_per_sample"]
         r["mfu"] = mfu(r["steady_samples_per_s"], r["tokens_per_sample"], vision_patches, r["activation_checkpointing"])
+        if "real_tokens_per_sample" in r:  # padding left out: only the tokens the samples have
+            r["mfu_real_tokens"] = mfu(r["steady_samples_per_s"], r["real_tokens_per_sample"], vision_patches,
+                                       r["activation_checkpointing"])
         if r.get("cuda_graphs"):  # steps that replayed a graph, the one-time captures left out
             r["mfu_replayed"] = mfu(r["replayed_samples_per_s"], r["tokens_per_sample"], vision_patches, False)
         results_path.write_text(json.dumps(results, indent=1) + "\n")
@@ -201,15 +211,15 @@ env = results["environment"]
 lines = [f"{env['device']}, {env['date']}; torch {env['torch']}, transformers {env['transformers']}, "
          f"peft {env['peft']}; {env['samples']} samples, effective batch 16", "",
          "| run | samples/s (graphs replayed) | tokens/s | preprocess s | 2 epochs s | peak alloc / reserved GiB | "
-         "MFU (graphs replayed) | micro-batch x accum, checkpointing | vs tutorial |",
-         "|---|---|---|---|---|---|---|---|---|"]
+         "MFU (graphs replayed) | MFU, real tokens only | micro-batch x accum, checkpointing | vs tutorial |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
 base = results.get("tutorial")
 for name in ("tutorial", "ours_tutorial_size", "ours", "ours_compiled", "ours_24gib", "ours_12gib"):
     if name not in results:
         continue
     r = results[name]
     if "failed" in r:
-        lines.append(f"| {name} | failed: {r['failed']} |||||||")
+        lines.append(f"| {name} | failed: {r['failed']} ||||||||")
         continue
     micro = (4, 4) if name == "tutorial" else (r["micro_batch_size"], r["gradient_accumulation_steps"])
     shape = f"{micro[0]} x {micro[1]}, {'on' if r['activation_checkpointing'] else 'off'}"
@@ -220,12 +230,13 @@ for name in ("tutorial", "ours_tutorial_size", "ours", "ours_compiled", "ours_24
     ratio = (f"{r['steady_samples_per_s'] / base['steady_samples_per_s']:.1f}x speed, "
              f"{base['two_epochs_s'] / r['two_epochs_s']:.1f}x wall") if base else ""
     speed, utilisation = f"{r['steady_samples_per_s']:.1f}", f"{100 * r['mfu']:.1f}%"
+    real_tokens = f"{100 * r['mfu_real_tokens']:.1f}%" if "mfu_real_tokens" in r else ""
     if "mfu_replayed" in r:
         speed += f" ({r['replayed_samples_per_s']:.1f})"
         utilisation += f" ({100 * r['mfu_replayed']:.1f}%)"
     lines.append(f"| {name} | {speed} | {r['tokens_per_s']:.0f} | {r['preprocess_s']:.1f} | "
                  f"{r['two_epochs_s']:.0f} | {r['peak_allocated_gib']:.1f} / {r['peak_reserved_gib']:.1f} | "
-                 f"{utilisation} | {shape} | {ratio} |")
+                 f"{utilisation} | {real_tokens} | {shape} | {ratio} |")
 if "eval" in results:
     e = results["eval"]
     lines += ["", f"generation, {e['max_new_tokens']} new tokens: tutorial one image at a time "

@@ -117,7 +117,7 @@ class Predictor:
 def load(output_dir: str | Path, adapter: str = "", model_id: str = "", precision: str = "float32",
          device: str = "auto", compile_generation: str = "false") -> Predictor:
     """The run in output_dir ready to predict. adapter: another adapter folder, or "none" for the base model alone;
-    model_id: another base model than the one training recorded; compile_generation: auto (on a CUDA GPU in bf16) | true |
+    model_id: another base model than the one training recorded; compile_generation: auto (a CUDA GPU, bf16) | true |
     false."""
     train_config = read_train_config(output_dir)
     whole = holds_whole_model(output_dir)

@@ -22,6 +22,9 @@ def test_benchmark_smoke_run_measures_every_row(tmp_path):
     for name in ("tutorial", "ours_tutorial_size", "ours"):
         row = results[name]
         assert row["steady_samples_per_s"] > 0 and row["two_epochs_s"] > 0 and 0 < row["mfu"] < 1
+    for name in ("ours_tutorial_size", "ours"):  # padding left out: fewer tokens, less of the GPU's work counted
+        row = results[name]
+        assert 0 < row["real_tokens_per_sample"] < row["tokens_per_sample"] and 0 < row["mfu_real_tokens"] < row["mfu"]
     assert results["tutorial"]["preprocess_s"] > 0  # the tutorial's .map over the data set
     assert results["ours_tutorial_size"]["patches_per_sample"] == results["tutorial"]["patches_per_sample"] == 288
     assert results["eval"]["float32"]["equal_to_one_by_one"] == results["eval"]["compared_images"] == 4
