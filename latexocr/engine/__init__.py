@@ -9,7 +9,8 @@
     vision_cache.py  the frozen vision tower's outputs, computed once for all epochs
     graphs.py        each step's forward and backward captured and replayed as a CUDA graph
     memory.py        the memory probe: the largest micro-batch that fits
-    kernels.py       fused kernels (Liger's API; LoRA's multiply-add), the one place that reads library internals
+    kernels.py       fused kernels (Liger's op; LoRA's multiply-add; varlen vision attention), the one place that
+                     reads library internals
     trainer.py       the Trainer subclass that runs all this, and its progress line
     distributed.py   the processes of a data-parallel run
     runtime.py       the device, torch's switches, timings and versions
