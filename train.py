@@ -159,7 +159,7 @@ plan = None if resume.finished else make_plan(
              VISION_CACHE_GIB, TORCH_COMPILE, DISTRIBUTED, GPU_MEMORY_GIB, NUM_WORKERS, FAST),
     model, collator, family, train_samples, train_lengths.tokens, train_lengths.image_tokens,
     train_lengths.answer_rows, processes, local_device, trainable, tuning.outside_language_model(TUNER, TRAIN_VISION),
-    show_progress=processes.main)
+    vision_trains=TRAIN_VISION != "none", show_progress=processes.main)
 for note in plan.notes if plan else ["plan: none, nothing is left to train (no vision cache, no memory probe)"]:
     print(note)
 timings.mark("speed plan")

@@ -142,7 +142,8 @@ def plan_for(model, processor, samples, model_dir, **settings):
     lengths = preflight.check_samples(samples, processor, chat.PROMPT, sizing, 2048, "samples", show_progress=False)
     outside = settings.pop("outside", "")
     return make_plan(Settings(batch_size=4, **settings), model, collator, family, samples, lengths.tokens,
-                     lengths.image_tokens, lengths.answer_rows, Processes(), "cpu", 1000, outside, show_progress=False)
+                     lengths.image_tokens, lengths.answer_rows, Processes(), "cpu", 1000, outside,
+                     vision_trains=outside in ("the vision tower", "the merger"), show_progress=False)
 
 
 def test_the_plan_says_what_it_chose_and_why(tiny_model_dir, processor, samples):
@@ -158,7 +159,9 @@ def test_the_plan_says_what_it_chose_and_why(tiny_model_dir, processor, samples)
     plain = plan_for(model, processor, samples, tiny_model_dir, fast=False)
     assert plain.loss is None and isinstance(plain.batches, chat.TrainCollator) and plain.vision_cache is None
     vision = plan_for(model, processor, samples, tiny_model_dir, outside="the vision tower")
-    assert vision.vision_cache is None and "the vision tower trains" in vision.notes[0]
+    assert vision.vision_cache is None and "off with the vision tower training" in vision.notes[0]
+    embeddings = plan_for(model, processor, samples, tiny_model_dir, outside="the token embeddings")
+    assert embeddings.vision_cache is not None  # the frozen vision tower's outputs do not change
     with pytest.raises(SystemExit, match="--cuda_graphs=true does not work with the vision tower training"):
         plan_for(model, processor, samples, tiny_model_dir, cuda_graphs="true", outside="the vision tower")
 

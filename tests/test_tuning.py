@@ -60,3 +60,22 @@ def test_an_image_in_the_vision_side_moves_the_weights_that_train():
     model(**batch).loss.backward()
     grads = {tuning.vision_part(n) or "language": p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(grads) == {"language", "merger"} and all(torch.isfinite(g).all() for g in grads.values())
+
+
+@pytest.mark.slow
+def test_a_full_fine_tune_of_the_language_model_keeps_the_vision_cache_and_its_losses(tmp_path):
+    """--tuner=full --train_vision=none trains the token embeddings but not the vision side: the vision tower's
+    outputs, computed once, are those every step would compute, so the losses are the run's without the cache."""
+    import json
+    from conftest import logged_losses, run_script
+    run_script("data2csv.py", "--source=synthetic", "--max_data_number=24", cwd=tmp_path)
+    run_script("csv2json.py", cwd=tmp_path)
+    common = ["--model_id=tiny-random", "--tuner=full", "--batch_size=4", "--max_steps=4", "--logging_steps=1",
+              "--save_steps=4", "--val_json_path=", "--swanlab_mode=disabled", "--num_workers=0"]
+    cached = run_script("train.py", *common, "--output_dir=cached", cwd=tmp_path)
+    run_script("train.py", *common, "--output_dir=uncached", "--vision_cache_gib=0", cwd=tmp_path)
+    assert "vision cache: the vision tower's output for" in cached.stdout
+    assert json.loads((tmp_path / "cached" / "train_results.json").read_text())["vision_cache"]
+    losses, _ = logged_losses(tmp_path / "cached" / "checkpoint-4")
+    expected, _ = logged_losses(tmp_path / "uncached" / "checkpoint-4")
+    assert len(losses) == 4 and losses == pytest.approx(expected, rel=1e-4)

@@ -66,10 +66,12 @@ def enable_checkpointing(model):
 
 def make_plan(s: Settings, model, collator: chat.TrainCollator, family, samples: list, lengths: list[int],
               image_tokens: list[int], answer_rows: list[int], processes: Processes, device: str,
-              trainable_parameters: int, outside_language_model: str = "", show_progress: bool = True) -> Plan:
+              trainable_parameters: int, outside_language_model: str = "", vision_trains: bool = False,
+              show_progress: bool = True) -> Plan:
     """samples, lengths (tokens), image_tokens and answer_rows (labelled positions) are the training samples'.
-    outside_language_model: what trains outside the language model ("" when nothing does), which keeps the vision
-    cache and the graphs off."""
+    outside_language_model: what trains outside the language model's layers ("" when nothing does), which keeps the
+    graphs off; vision_trains: whether that is part of the vision side, which keeps the vision cache off too (a full
+    fine-tune's token embeddings do not change what the frozen vision tower outputs)."""
     on_gpu, sharded = device.startswith("cuda"), s.distributed in ("zero3", "fsdp")
     per_device_batch = s.batch_size // processes.world_size
     notes = []
@@ -80,7 +82,7 @@ def make_plan(s: Settings, model, collator: chat.TrainCollator, family, samples:
     cache_gib = size_gib(sum(image_tokens), model.config, 2 if on_gpu else 4)
     if not s.fast:
         notes.append("vision cache: off (fast=false)")
-    elif outside_language_model:
+    elif vision_trains:
         notes.append(f"vision cache: off with {outside_language_model} training; every step runs the vision tower")
     elif not s.vision_cache_gib:
         notes.append("vision cache: off (vision_cache_gib=0); every step runs the vision tower")

@@ -33,8 +33,9 @@ def trains_vision(part: str | None, train_vision: str) -> bool:
 
 
 def outside_language_model(tuner: str, train_vision: str) -> str:
-    """What trains beyond the language model's layers ("" when nothing does): it keeps the vision cache off (a vision
-    side that trains gives other outputs at every step) and the CUDA graphs (which hold the language model only)."""
+    """What trains beyond the language model's layers ("" when nothing does): it keeps the CUDA graphs off (they hold
+    the language model's layers only), and when it is the vision side, the vision cache (a vision side that trains
+    gives other outputs at every step)."""
     if train_vision != "none":
         return "the vision tower" if train_vision == "all" else "the merger"
     return "the token embeddings" if tuner == "full" else ""
