@@ -1,7 +1,7 @@
-"""Predict LaTeX for formula images with the base model plus the LoRA adapter that train.py saved.
+"""Predict LaTeX for formula images with what train.py saved: the base model plus its LoRA adapter, or a full fine-tune.
 
-Reads:  output/Qwen2-VL-2B-LatexOCR/ (adapter + train_config.json: base model and its family, prompt, image
-        sizing), or the merged model folder export.py wrote (weights + train_config.json),
+Reads:  output/Qwen2-VL-2B-LatexOCR/ (adapter or whole model + train_config.json: base model and its family,
+        prompt, image sizing), or the merged model folder export.py wrote (weights + train_config.json),
         and IMAGE: an image file, a folder of images, or a conversation JSON (default: the val JSON
         training used, so ground truth is there and the predictions are scored)
 Writes: output/Qwen2-VL-2B-LatexOCR/infer/predictions.jsonl; with ground truth also metrics.json and
@@ -10,8 +10,8 @@ Writes: output/Qwen2-VL-2B-LatexOCR/infer/predictions.jsonl; with ground truth a
 Run:    python infer.py
         python infer.py --image=formula.png
         python infer.py --adapter=none          (the base model alone, to see what fine-tuning bought)
-        python infer.py --precision=bfloat16    (half the memory; then a prediction can depend on the batch size)
-        python infer.py --compile_generation=false   (eager generate on a GPU: no half-minute compile, for few images)
+        python infer.py --precision=bfloat16    (half the memory, and on a GPU a static KV cache with CUDA graphs: 58.5
+                                                against 21.8 images/s; a prediction can then depend on the batch size)
         python infer.py --output_dir=output/Qwen2-VL-2B-LatexOCR-merged   (the model export.py merged)
 """
 
