@@ -237,11 +237,11 @@ if processes.main and val_samples and sharded:
           f"score it with: python infer.py --output_dir={OUTPUT_DIR}")
 elif processes.main and val_samples:
     runtime.drop_optimizer_state(trainer)  # AdamW's moments go, to make room for the fp32 weights
-    model = modeling.generation_model(model, modeling.generation_dtype(EVAL_PRECISION))  # the weights are saved
+    eval_dtype = modeling.generation_dtype(EVAL_PRECISION)
+    model = modeling.generation_model(model, eval_dtype)  # the weights are saved
     # --torch_compile's layers were compiled for training's shapes: generation's would only recompile them, so with
     # it generation is eager
-    compile_generation = modeling.compiles_generation(EVAL_COMPILE_GENERATION, DEVICE, modeling.generation_dtype(
-        EVAL_PRECISION)) and not TORCH_COMPILE
+    compile_generation = modeling.compiles_generation(EVAL_COMPILE_GENERATION, DEVICE, eval_dtype) and not TORCH_COMPILE
     if compile_generation and on_gpu:
         print("eval: static KV cache, the decode steps as CUDA graphs (each new cache length compiles first, about "
               "half a minute; --eval_compile_generation=false generates eagerly)")

@@ -52,6 +52,8 @@ if TINY:
 model_dir = workload.model_folder(results_dir, TINY)
 train_json = workload.train_json(results_dir, SAMPLES, FORMULAS_PATH)
 caps = ([0.0] if WHOLE_GPU or not CAP_GIB else []) + ([CAP_GIB] if CAP_GIB and on_gpu else [])
+environment = dict(device=torch.cuda.get_device_name() if on_gpu else "cpu", date=time.strftime("%Y-%m-%d"),
+                   torch=torch.__version__, transformers=__import__("transformers").__version__)
 results_path = results_dir / "memory.json"
 rows = json.loads(results_path.read_text())["rows"] if results_path.is_file() else []
 
@@ -80,14 +82,11 @@ for tuner, train_vision in settings:
                 "peak_allocated_gib", "peak_reserved_gib", "steady_samples_per_s", "micro_batch_size",
                 "gradient_accumulation_steps", "activation_checkpointing", "cuda_graphs_on", "vision_cache")})
         rows = [r for r in rows if (r["tuner"], r["train_vision"], r["cap_gib"]) != (tuner, train_vision, cap)] + [row]
-        results_path.write_text(json.dumps(dict(
-            device=torch.cuda.get_device_name() if on_gpu else "cpu", date=time.strftime("%Y-%m-%d"),
-            torch=torch.__version__, transformers=__import__("transformers").__version__, steps=STEPS,
-            rows=rows), indent=1) + "\n")
+        results_path.write_text(json.dumps(dict(**environment, steps=STEPS, rows=rows), indent=1) + "\n")
 
 # --- summary -----------------------------------------------------------------
-lines = [f"{torch.cuda.get_device_name() if on_gpu else 'cpu'}, {time.strftime('%Y-%m-%d')}; torch {torch.__version__}, "
-         f"transformers {__import__('transformers').__version__}; {STEPS} steps of 16 samples per row", "",
+lines = [f"{environment['device']}, {environment['date']}; torch {environment['torch']}, "
+         f"transformers {environment['transformers']}; {STEPS} steps of 16 samples per row", "",
          "| tuner / train_vision | GPU memory | trains (parameters) | peak allocated / reserved GiB | samples/s | "
          "micro-batch x accumulation, checkpointing, graphs, vision cache |", "|---|---|---|---|---|---|"]
 parts = ("none", "merger", "all")
