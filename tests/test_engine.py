@@ -194,3 +194,22 @@ def test_the_pre_flight_says_when_answers_exceed_the_generation_cap(processor, s
     note = lengths.over_cap(longest - 1, first=0)
     assert f"the longest {longest}" in note and f"Raise --eval_max_new_tokens to {longest}" in note
     assert lengths.over_cap(longest - 1, first=len(samples)) == ""  # no val samples past the training ones
+
+
+def test_checkpointing_is_switched_by_the_name_this_transformers_gives_it():
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from latexocr.engine.trainer import checkpointing_arguments
+
+    @dataclasses.dataclass
+    class Before:  # transformers 5.17's TrainingArguments had only gradient_checkpointing
+        gradient_checkpointing: bool = False
+        gradient_checkpointing_kwargs: dict | None = None
+
+    assert checkpointing_arguments(True, Before) == {"gradient_checkpointing": True,
+                                                     "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    on = TrainingArguments(output_dir="unused", use_cpu=True, **checkpointing_arguments(True, TrainingArguments))
+    off = TrainingArguments(output_dir="unused", use_cpu=True, **checkpointing_arguments(False, TrainingArguments))
+    assert (on.gradient_checkpointing, off.gradient_checkpointing) == (True, False)

@@ -1,5 +1,6 @@
 """The Trainer with the answer-only loss, CUDA-graph steps and split batches, and its progress line."""
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -14,6 +15,14 @@ from latexocr.data import make_readable
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # DeepSpeed's configuration files
 
 
+def checkpointing_arguments(on: bool, arguments_class) -> dict:
+    """TrainingArguments' activation checkpointing switch by its name in this transformers: activation_checkpointing
+    from 5.2x on, gradient_checkpointing before (5.17, which ms-swift and Unsloth pin, has only that one)."""
+    fields = {field.name for field in dataclasses.fields(arguments_class)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
+
+
 def training_arguments(output_dir: str, plan, on_gpu: bool, distributed: str, *, learning_rate: float,
                        lr_scheduler_type: str, num_train_epochs: float, max_steps: int, warmup_steps: int,
                        logging_steps: int, save_steps: int, keep_checkpoints: int, seed: int,
@@ -26,8 +35,7 @@ def training_arguments(output_dir: str, plan, on_gpu: bool, distributed: str, *,
         warmup_steps=warmup_steps, logging_steps=logging_steps, logging_first_step=True, save_steps=save_steps,
         save_total_limit=keep_checkpoints, seed=seed,
         data_seed=seed, bf16=on_gpu, use_cpu=not on_gpu, optim="adamw_torch_fused" if on_gpu else "adamw_torch",
-        activation_checkpointing=plan.checkpointing and not fsdp,
-        activation_checkpointing_kwargs={"use_reentrant": False} if plan.checkpointing and not fsdp else None,
+        **checkpointing_arguments(plan.checkpointing and not fsdp, TrainingArguments),
         # Workers persist across epochs (restarting them cost 0.4 s an epoch on 2 CPU cores); WorkerSeeds keeps a
         # resumed run exact with them.
         dataloader_num_workers=num_workers, dataloader_persistent_workers=num_workers > 0,
