@@ -10,8 +10,9 @@ decode step), so that ms per decode step = (steady call - prompt alone) / batche
 How often each mode changes a trained model's predictions: bench/agreement.py.
 
 Reads:  ../shared/data/latex_ocr_val_formulas.txt when present (else synthetic formulas); MODEL_DIR when given
-Writes: bench_results/generation.json (every number) and bench_results/generation.md (the table); the rendered
-        images in bench_results/generation/, and the random model folder as bench/speed.py does
+Writes: bench_results/generation.json (every number), bench_results/generation.md (the table), with --profile
+        bench_results/generation_profile.txt; the rendered images in bench_results/generation/, and the random
+        model folder as bench/speed.py does
 Run:    python bench/generation.py                 (a CUDA GPU; the compiled rows compile for about half a minute each)
         python bench/generation.py --tiny=true     (CPU, the tiny model, a few tokens: checks the script runs)
 """
@@ -28,11 +29,12 @@ from latexocr.config import apply_overrides  # noqa: E402
 # -----------------------------------------------------------------------------
 TINY = False  # the tiny random model on CPU, a few tokens: a smoke run of this script
 MODEL_DIR = ""  # a model folder (config.json + safetensors); "" = the random Qwen2-VL-2B (the tiny one with --tiny)
-IMAGES = 64  # formula images generated per call
+IMAGES = 256  # formula images generated per call: several batches, as infer.py's (the next is encoded ahead)
 BATCH_SIZE = 64  # images per generation batch
 NEW_TOKENS = 64  # new tokens per image, exactly (at least 2)
 REPEATS = 3  # calls timed after the first, for the steady rate
 MODES = "float32,float32_compiled,tfloat32,tfloat32_compiled,bfloat16,bfloat16_compiled"  # bench/workload.py's
+PROFILE = ""  # a mode whose steady call is profiled as well (torch.profiler): its top operations, CPU and GPU
 TOKENIZER = "qwen2"  # the random 2B model's: "qwen2" (Qwen2-VL's vocabulary) or "tiny" (the small BPE)
 FORMULAS_PATH = str(ROOT.parent / "shared" / "data" / "latex_ocr_val_formulas.txt")
 RESULTS_DIR = "bench_results"
@@ -81,6 +83,23 @@ def timed(new_tokens: int, compiled: bool, tf32: bool) -> float:
     return time.perf_counter() - start
 
 
+def profile(mode: str, compiled: bool, tf32: bool):
+    """One steady call under torch.profiler: the operations taking the most GPU and CPU time, and how much of the
+    call the GPU was busy, into generation_profile.txt."""
+    from torch.profiler import ProfilerActivity
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        call_s = timed(NEW_TOKENS, compiled, tf32)
+    averages = profiler.key_averages()
+    gpu_s = sum(event.self_device_time_total for event in averages) / 1e6
+    text = [f"{mode}: one call of {len(images)} images, {call_s:.2f} s under the profiler; GPU busy {gpu_s:.2f} s "
+            f"({100 * gpu_s / call_s:.0f}%)", "",
+            averages.table(sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total", row_limit=25), "",
+            averages.table(sort_by="self_cpu_time_total", row_limit=25)]
+    (results_dir / "generation_profile.txt").write_text("\n".join(text) + "\n")
+    print(text[0])
+
+
 # --- work --------------------------------------------------------------------
 rows = {}
 for mode in modes:
@@ -96,6 +115,8 @@ for mode in modes:
                       images_per_s=len(images) / steady_s, prompt_s_per_batch=prompt_s / batches,
                       ms_per_decode_step=1000 * (steady_s - prompt_s) / batches / (NEW_TOKENS - 1),
                       peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0)
+    if mode == PROFILE:
+        profile(mode, compiled, tf32)
     print(f"{mode}: {rows[mode]['images_per_s']:.1f} images/s, {rows[mode]['ms_per_decode_step']:.1f} ms per decode "
           f"step, first call {first_s:.1f} s")
 

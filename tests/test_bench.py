@@ -109,9 +109,12 @@ def test_from_scratch_speedrun_smoke_run_scores_held_out_formulas_at_each_checkp
 def test_generation_benchmark_smoke_run_measures_every_mode(tmp_path):
     """On a CPU the compiled modes run the static KV cache eagerly: the path a GPU compiles."""
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "generation.py"), "--tiny=true",
-                             f"--results_dir={tmp_path}"], capture_output=True, text=True, timeout=600)
+                             f"--results_dir={tmp_path}", "--profile=bfloat16_compiled"], capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "generation.json").read_text())
+    profile = (tmp_path / "generation_profile.txt").read_text()  # the profiled mode's operations, by time taken
+    assert profile.startswith("bfloat16_compiled: one call of 3 images") and "aten::mm" in profile
     assert list(results["rows"]) == ["float32", "float32_compiled", "tfloat32", "tfloat32_compiled", "bfloat16",
                                      "bfloat16_compiled"]
     for row in results["rows"].values():

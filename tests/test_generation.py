@@ -4,6 +4,7 @@ On a CPU the static cache runs eagerly, the path the GPU compiles; a counting to
 the batches compile only for the shapes the cache's buckets promise. The compiled CUDA graphs themselves are
 checked on a GPU (python -m pytest -q -m gpu tests/test_generation.py)."""
 
+import copy
 import itertools
 
 import pytest
@@ -135,3 +136,45 @@ def test_compiled_generation_on_a_gpu_predicts_what_eager_generate_does_in_float
         model.to("cpu")
     assert compiled == again == eager
     assert len(set(eager)) > 3
+
+
+def test_the_next_batch_is_encoded_ahead_and_a_bad_image_fails_at_its_batch(model_and_processor, tmp_path):
+    _, processor = model_and_processor
+    images = formula_images(5, seed=7)
+    batches = modeling.encoded_batches(processor, images, chat.PROMPT, chat.sizing(), 2, rows=2)
+    ahead = [(size, inputs["input_ids"].tolist()) for size, inputs in batches]
+    one_by_one = [chat.encode_prompts(processor, [chat.load_image(x, chat.sizing()) for x in images[i:i + 2]],
+                                      chat.PROMPT) for i in (0, 2)]
+    assert [size for size, _ in ahead] == [2, 2, 1]
+    assert [ids for _, ids in ahead[:2]] == [inputs["input_ids"].tolist() for inputs in one_by_one]
+    assert ahead[2][1][0] == ahead[2][1][1]  # the last batch padded to its rows with a copy of its last image
+
+    missing = tmp_path / "missing.png"
+    batches = modeling.encoded_batches(processor, [*images[:2], missing], chat.PROMPT, chat.sizing(), 2, rows=0)
+    assert next(batches)[0] == 2  # the batch before the bad image comes whole
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        next(batches)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_generation_on_a_gpu_runs_the_vision_tower_in_one_attention_call_per_layer(model_and_processor,
+                                                                                       monkeypatch):
+    from torch.nn.attention import varlen
+
+    from latexocr.engine import kernels
+    model, processor = model_and_processor
+    assert kernels.varlen_unusable(torch.device("cuda", 0)) == ""  # its own check calls the kernel: before counting
+    calls = []
+    own = varlen.varlen_attn
+    monkeypatch.setattr(varlen, "varlen_attn", lambda *args, **kwargs: calls.append(1) or own(*args, **kwargs))
+    images = formula_images(5, seed=9)
+    bf16 = modeling.generation_model(copy.deepcopy(model).to("cuda"), torch.bfloat16)
+    fused = modeling.predict(bf16, processor, images, batch_size=3, **SETTINGS)
+    assert len(calls) == 2 * len(kernels.vision_attentions(bf16))  # two batches, each layer once
+    assert not any("forward" in vars(attention) for attention in kernels.vision_attentions(bf16))
+    monkeypatch.setitem(kernels._varlen_check, torch.device("cuda", 0), "off for the comparison")
+    per_image = modeling.predict(bf16, processor, images, batch_size=3, **SETTINGS)
+    assert len(calls) == 2 * len(kernels.vision_attentions(bf16))  # the model's own code ran the second time
+    # bf16 rounds the two attentions differently; the tiny random model's near-ties may flip a token, not most
+    assert sum(a == b for a, b in zip(fused, per_image)) >= 3

@@ -21,6 +21,7 @@ vision block's attention), not by class names. missing_internals() says, before 
 library upgrade took away; train.py then trains the plain way (--fast=false) and says so.
 """
 
+import contextlib
 import sys
 
 import torch
@@ -122,22 +123,24 @@ def varlen_unusable(device: torch.device) -> str:
     once per device, forward and backward on two sequences of different lengths against SDPA."""
     if device not in _varlen_check:
         try:
-            from torch.nn.attention.varlen import varlen_attn
-            generator = torch.Generator(device).manual_seed(0)
-            q, k, v = (torch.randn(40, 2, 64, device=device, generator=generator, dtype=torch.bfloat16,
-                                   requires_grad=True) for _ in range(3))
-            cu = torch.tensor([0, 16, 40], device=device, dtype=torch.int32)
-            out = varlen_attn(q, k, v, cu, cu, 24, 24)
-            out.float().square().sum().backward()
-            grad_q = q.grad.clone()
-            q.grad = None
-            parts = [torch.nn.functional.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)))
-                     .transpose(0, 1) for a, b in ((0, 16), (16, 40))]
-            reference = torch.cat(parts)
-            reference.float().square().sum().backward()
-            close = torch.allclose(out.float(), reference.float(), atol=2e-2) and \
-                torch.allclose(grad_q.float(), q.grad.float(), atol=5e-2)
-            _varlen_check[device] = "" if close else "its output or gradient differs from per-image attention"
+            # with autograd on, and outside inference mode: generation calls it inside torch.inference_mode
+            with torch.inference_mode(False), torch.enable_grad():
+                from torch.nn.attention.varlen import varlen_attn
+                generator = torch.Generator(device).manual_seed(0)
+                q, k, v = (torch.randn(40, 2, 64, device=device, generator=generator, dtype=torch.bfloat16,
+                                       requires_grad=True) for _ in range(3))
+                cu = torch.tensor([0, 16, 40], device=device, dtype=torch.int32)
+                out = varlen_attn(q, k, v, cu, cu, 24, 24)
+                out.float().square().sum().backward()
+                grad_q = q.grad.clone()
+                q.grad = None
+                parts = [torch.nn.functional.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)))
+                         .transpose(0, 1) for a, b in ((0, 16), (16, 40))]
+                reference = torch.cat(parts)
+                reference.float().square().sum().backward()
+                close = torch.allclose(out.float(), reference.float(), atol=2e-2) and \
+                    torch.allclose(grad_q.float(), q.grad.float(), atol=5e-2)
+                _varlen_check[device] = "" if close else "its output or gradient differs from per-image attention"
         except Exception as error:  # an older torch, or a GPU its flash kernels do not support
             _varlen_check[device] = f"{type(error).__name__}: {error}"
     return _varlen_check[device]
@@ -170,6 +173,19 @@ def vision_attention(attention, hidden_states: torch.Tensor, cu_seqlens: torch.T
     longest = max_seqlen or longest_sequence(cu_seqlens)
     output = varlen_attn(query.to(dtype), key.to(dtype), value.to(dtype), cu_seqlens, cu_seqlens, longest, longest)
     return attention.proj(output.reshape(length, -1))
+
+
+@contextlib.contextmanager
+def fused_vision_attention(model):
+    """Within the block, the vision tower's attention runs vision_attention (generation: it falls back to the model's
+    own code off a GPU or in fp32), on the blocks whose attention has no forward of its own already."""
+    changed = [attention for attention in vision_attentions(model) if "forward" not in vars(attention)]
+    for attention in changed:
+        attention.forward = vision_attention.__get__(attention)
+    try:
+        yield
+    finally:
+        unfuse(changed)
 
 
 def vision_attentions(model) -> list:
