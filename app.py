@@ -21,7 +21,7 @@ ADAPTER = ""  # adapter folder; "" = OUTPUT_DIR; none = the base model alone
 MODEL_ID = ""  # base model; "" = the one recorded in OUTPUT_DIR/train_config.json
 HOST = "127.0.0.1"  # address to listen on: 127.0.0.1 = this machine only | 0.0.0.0 = every network
 PORT = 7860  # TCP port of the page
-PRECISION = ""  # "" = the run's own (train_config.json's eval_precision, else float32) | float32 | bfloat16
+PRECISION = ""  # "" = the run's own (train_config.json's eval_precision, else float32) | auto | float32 | bfloat16
 MAX_NEW_TOKENS = 256  # generation cap per formula
 DEVICE = "auto"  # auto (CUDA if present) | cuda | cpu
 EXAMPLES = 4  # val images offered as examples; 0 = none

@@ -61,7 +61,7 @@ SWANLAB_EXPERIMENT = "qwen2-vl-2b-lora"
 MAX_LENGTH = 2048  # tokens per sample (image + prompt + answer); longer samples stop the run before it starts
 EVAL_BATCH_SIZE = 64  # images per generation batch
 EVAL_MAX_NEW_TOKENS = 256  # generation cap per formula (real formulas: p95 ~112 tokens)
-EVAL_PRECISION = "float32"  # float32 (as infer.py: a prediction does not depend on the batch size) | bfloat16
+EVAL_PRECISION = "auto"  # as infer.py's: auto (bfloat16 on a CUDA GPU, else float32) | float32 | bfloat16
 EVAL_COMPILE_GENERATION = "auto"  # auto (a CUDA GPU, bfloat16) | true | false: static KV cache, CUDA graphs
 # -----------------------------------------------------------------------------
 config = apply_overrides(globals(), rules=settings.TRAIN)
@@ -237,7 +237,7 @@ if processes.main and val_samples and sharded:
           f"score it with: python infer.py --output_dir={OUTPUT_DIR}")
 elif processes.main and val_samples:
     runtime.drop_optimizer_state(trainer)  # AdamW's moments go, to make room for the fp32 weights
-    eval_dtype = modeling.generation_dtype(EVAL_PRECISION)
+    eval_dtype = modeling.generation_dtype(EVAL_PRECISION, DEVICE)
     model = modeling.generation_model(model, eval_dtype)  # the weights are saved
     # --torch_compile's layers were compiled for training's shapes: generation's would only recompile them, so with
     # it generation is eager

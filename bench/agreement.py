@@ -70,7 +70,7 @@ export_dir = run_dir.parent / f"{run_dir.name}-merged"
 for script, args in (("export.py", [f"--output_dir={run_dir}", f"--export_dir={export_dir}", "--dtype=float32"]),
                      ("infer.py", [f"--output_dir={export_dir}", f"--image={Path(TEST_JSON).resolve()}",
                                    f"--max_new_tokens={MAX_NEW_TOKENS}", f"--batch_size={BATCH_SIZE}",
-                                   "--render_formulas=false", f"--device={DEVICE}"])):
+                                   "--render_formulas=false", f"--device={DEVICE}", "--precision=float32"])):
     subprocess.run([sys.executable, str(ROOT / script), *args], check=True)
 exported = [json.loads(line)["prediction"] for line in (export_dir / "infer" / "predictions.jsonl").open()][:IMAGES]
 results["exported_differ"] = sum(a != b for a, b in zip(exported, reference))

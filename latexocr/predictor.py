@@ -114,7 +114,7 @@ class Predictor:
                                 max_new_tokens, show_progress, self.compile_generation)
 
 
-def load(output_dir: str | Path, adapter: str = "", model_id: str = "", precision: str = "float32",
+def load(output_dir: str | Path, adapter: str = "", model_id: str = "", precision: str = "auto",
          device: str = "auto", compile_generation: str = "false") -> Predictor:
     """The run in output_dir ready to predict. adapter: another adapter folder, or "none" for the base model alone;
     model_id: another base model than the one training recorded; compile_generation: auto (a CUDA GPU, bf16) | true |
@@ -127,7 +127,7 @@ def load(output_dir: str | Path, adapter: str = "", model_id: str = "", precisio
         raise SystemExit(f"{adapter_dir}: no adapter_model.safetensors. Train first, or pass --adapter=<folder> "
                          "(--adapter=none predicts with the base model alone).")
     device = modeling.check_device(device)
-    dtype = modeling.generation_dtype(precision)
+    dtype = modeling.generation_dtype(precision, device)
     own_weights = whole and not model_id  # the folder's own model, not another base model
     model_dir = Path(output_dir) if own_weights else base_model(model_id, train_config, output_dir)
     model_id = model_id or (str(output_dir) if whole else train_config["model_id"])
@@ -140,7 +140,7 @@ def load(output_dir: str | Path, adapter: str = "", model_id: str = "", precisio
     compiled = modeling.compiles_generation(compile_generation, device, dtype)
     generation = (", static KV cache" + (" and CUDA graphs" if device.startswith("cuda") else "")) if compiled else ""
     description = model_id + (f" + adapter {adapter_dir}" if use_adapter else " (whole model)" if whole
-                              else " (no adapter)") + f" on {device}, in {precision}{generation}"
+                              else " (no adapter)") + f" on {device}, in {str(dtype).removeprefix('torch.')}{generation}"
     return Predictor(model, processor, train_config["prompt"], chat.recorded_sizing(train_config), description,
                      train_config, compiled)
 

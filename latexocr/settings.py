@@ -137,7 +137,7 @@ def shard_size(name, value):
 
 SWITCH = one_of("auto", "true", "false")
 DEVICE = one_of("auto", "cuda", "cpu")
-PRECISION = one_of("float32", "bfloat16")
+PRECISION = one_of("auto", "float32", "bfloat16")
 SCHEDULES = one_of("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                    "inverse_sqrt")
 

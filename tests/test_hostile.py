@@ -627,7 +627,7 @@ def test_infer_with_empty_references_predicts_without_a_score_and_clears_older_s
     (["--max_new_tokens=0"], "--max_new_tokens=0: must be more than 0"),
     (["--batch_size=-1"], "--batch_size=-1: must be more than 0"),
     (["--dtype=int8"], "unknown setting --dtype. Valid settings: output_dir"),
-    (["--precision=INT8"], "--precision=INT8: expected float32 or bfloat16"),
+    (["--precision=INT8"], "--precision=INT8: expected auto, float32 or bfloat16"),
     (["--output_dir=cut_short"], "cut_short/train_config.json: not readable JSON"),
 ])
 def test_infer_refuses_what_it_cannot_predict_before_loading_the_model(trained, args, message):

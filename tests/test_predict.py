@@ -79,9 +79,12 @@ def test_generation_precision_is_checked_and_tf32_is_off_while_merging_and_predi
     """train.py trains with TF32 on; its evaluation must merge and predict as infer.py does, in full fp32."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraModel
-    with pytest.raises(SystemExit, match="precision half: expected float32 or bfloat16"):
+    with pytest.raises(SystemExit, match="precision half: expected auto, float32 or bfloat16"):
         modeling.generation_dtype("half")
     assert modeling.generation_dtype("bfloat16") == torch.bfloat16
+    # auto: bf16 on a CUDA GPU only, whichever one; a CPU computes bf16 no faster
+    assert [modeling.generation_dtype("auto", device) for device in ("cuda", "cuda:1", "cpu")] == \
+        [torch.bfloat16, torch.bfloat16, torch.float32]
     merge, tf32_while_merging = LoraModel.merge_and_unload, []
     monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, *args, **kwargs: tf32_while_merging.append(
         torch.backends.cuda.matmul.allow_tf32) or merge(self, *args, **kwargs))
