@@ -27,11 +27,12 @@ llamafactory)  # pins transformers<=5.6.0 (which wants tokenizers<=0.23.0), peft
                # datasets<=4.0 (dill<0.3.9, multiprocess<0.70.17, fsspec<=2025.3.0), accelerate<=1.11
     wheels="llamafactory==0.9.5 transformers==5.6.0 tokenizers==0.22.2 peft==0.18.1 trl==0.24.0 datasets==4.0.0
             accelerate==1.11.0 dill==0.3.8 multiprocess==0.70.16 fsspec==2025.3.0 omegaconf==2.4.0" ;;
-unsloth)  # pins transformers<=5.17.0, trl<=1.15.0, datasets<5; imports torchao (>=0.18 for torch 2.11). Its wheel
-          # is 27 MiB, so train.py runs on the machine's transformers 5.17.0 and peft 0.21.0 in this call: with
-          # them no wheel of the 64 MiB would fit; the machine's transformers then serves Unsloth too.
+unsloth)  # pins transformers<=5.17.0, trl<=1.15.0, datasets<5; imports torchao (>=0.18 for torch 2.11), and
+          # bitsandbytes when it loads a model even in 16 bit (seen on the H200: "Please install bitsandbytes").
+          # Its wheel is 27 MiB, so train.py runs on the machine's transformers 5.17.0 and peft 0.21.0 in this
+          # call: with them no wheel of the 64 MiB would fit; the machine's transformers then serves Unsloth too.
     wheels="unsloth==2026.10.9 unsloth-zoo==2026.10.9 trl==1.15.0 datasets==4.8.5 torchao==0.18.0
-            cut-cross-entropy==25.1.1"
+            cut-cross-entropy==25.1.1 bitsandbytes==0.50.2"
     # shellcheck disable=SC2086  # one wheel a word
     project=$(printf '%s\n' $project | grep -v -e '^transformers==' -e '^peft==') ;;
 *)
@@ -50,6 +51,24 @@ rm -rf .whl  # only this call's wheels: .whl/*.whl is installed whole, and every
 download .whl $project
 # shellcheck disable=SC2086
 download ".whl/$peer" $wheels
+# bitsandbytes' 41 MiB wheel is one native library per CUDA and ROCm version; the GPU machine's torch is built for
+# CUDA 13.0, so only libbitsandbytes_cuda130.so is kept (3.4 MiB): the wheel is rewritten without the others.
+for wheel in ".whl/$peer"/bitsandbytes-*.whl; do
+    [ -e "$wheel" ] || continue
+    python3 - "$wheel" "${BNB_CUDA:-130}" <<'PY'
+import sys, zipfile
+from pathlib import Path
+wheel, cuda = Path(sys.argv[1]), sys.argv[2]
+slim = wheel.with_suffix(".slim")
+with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as target:
+    for item in source.infolist():
+        name = Path(item.filename).name
+        if name.startswith("libbitsandbytes_") and name != f"libbitsandbytes_cuda{cuda}.so":
+            continue
+        target.writestr(item, source.read(item))
+slim.replace(wheel)
+PY
+done
 mib() { du -cb "$@" | tail -1 | awk '{printf "%.1f", $1 / 2^20}'; }
 echo "train.py: $(mib .whl/*.whl) MiB in .whl/; $peer: $(mib .whl/"$peer"/*.whl) MiB in .whl/$peer/;" \
      "together $(mib .whl/*.whl .whl/"$peer"/*.whl) MiB (keep it under ~55 with the checkout)"
