@@ -158,3 +158,22 @@ def test_vision_attention_in_one_call_on_a_gpu(tiny_model_dir):
     for name in grads:
         cosine = torch.nn.functional.cosine_similarity(grads[name].flatten(), expected_grads[name].flatten(), dim=0)
         assert cosine > 0.99, name
+
+
+def test_vision_attention_is_left_alone_where_a_release_changed_its_arguments(tiny_model_dir, monkeypatch):
+    """A vision attention whose forward takes other arguments than vision_attention passes on is not fused, in training
+    or in generation, rather than called wrongly; the three families' tiny models all match today."""
+    from latexocr.families import FAMILIES
+    for model_type in FAMILIES:
+        model_id = next(name for name, kind in modeling.TINY_MODELS.items() if kind == model_type)
+        model, _ = modeling.load_base_model(modeling.resolve_model(model_id), "cpu")
+        assert kernels.vision_attentions(model), model_type
+    model, _ = modeling.load_base_model(tiny_model_dir, "cpu")
+    attention_class = type(kernels.vision_attentions(model)[0])
+
+    def renamed(self, hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None, **kwargs):
+        return hidden_states
+    monkeypatch.setattr(attention_class, "forward", renamed)
+    assert kernels.vision_attentions(model) == []
+    with kernels.fused_vision_attention(model):
+        assert not any("forward" in vars(block.attn) for block in model.model.visual.blocks)

@@ -22,6 +22,7 @@ library upgrade took away; train.py then trains the plain way (--fast=false) and
 """
 
 import contextlib
+import inspect
 import sys
 
 import torch
@@ -188,13 +189,18 @@ def fused_vision_attention(model):
         unfuse(changed)
 
 
+VISION_ATTENTION_ARGUMENTS = ["self", "hidden_states", "cu_seqlens", "position_embeddings", "max_seqlen"]
+
+
 def vision_attentions(model) -> list:
-    """Each vision block's attention module; [] where the model has no such blocks."""
+    """Each vision block's attention module, where its forward takes what vision_attention takes (transformers
+    5.23's, for the three families); [] where the model has no such blocks, or a release changed them."""
     visual = getattr(getattr(base_model(model), "model", None), "visual", None)
     blocks = getattr(visual, "blocks", None) or []
     return [block.attn for block in blocks
             if all(hasattr(getattr(block, "attn", None), name) for name in ("qkv", "proj", "num_heads")) and
-            hasattr(sys.modules[type(block.attn).__module__], "apply_rotary_pos_emb_vision")]
+            hasattr(sys.modules[type(block.attn).__module__], "apply_rotary_pos_emb_vision") and
+            list(inspect.signature(type(block.attn).forward).parameters)[:5] == VISION_ATTENTION_ARGUMENTS]
 
 
 def fuse(model, norms: bool = True, mlp: bool = True, lora: bool = True, vision: bool = True) -> list:
