@@ -139,8 +139,9 @@ def load(output_dir: str | Path, adapter: str = "", model_id: str = "", precisio
     model = modeling.generation_model(model, dtype)
     compiled = modeling.compiles_generation(compile_generation, device, dtype)
     generation = (", static KV cache" + (" and CUDA graphs" if device.startswith("cuda") else "")) if compiled else ""
+    in_dtype = str(dtype).removeprefix("torch.")
     description = model_id + (f" + adapter {adapter_dir}" if use_adapter else " (whole model)" if whole
-                              else " (no adapter)") + f" on {device}, in {str(dtype).removeprefix('torch.')}{generation}"
+                              else " (no adapter)") + f" on {device}, in {in_dtype}{generation}"
     return Predictor(model, processor, train_config["prompt"], chat.recorded_sizing(train_config), description,
                      train_config, compiled)
 
