@@ -26,7 +26,7 @@ MAX_NEW_TOKENS = 256  # generation cap per formula
 DEVICE = "auto"  # auto (CUDA if present) | cuda | cpu
 EXAMPLES = 4  # val images offered as examples; 0 = none
 MAX_IMAGE_PIXELS = 20_000_000  # px (width x height); a larger upload gets a message, not a prediction
-COMPILE_GENERATION = "false"  # auto (on a CUDA GPU in bfloat16) | true | false: static KV cache, CUDA graphs
+COMPILE_GENERATION = "false"  # true | false | auto (never here: one image a request): static KV cache, CUDA graphs
 # -----------------------------------------------------------------------------
 config = apply_overrides(globals(), rules=settings.APP)
 

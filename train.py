@@ -62,7 +62,7 @@ MAX_LENGTH = 2048  # tokens per sample (image + prompt + answer); longer samples
 EVAL_BATCH_SIZE = 64  # images per generation batch
 EVAL_MAX_NEW_TOKENS = 256  # generation cap per formula (real formulas: p95 ~112 tokens)
 EVAL_PRECISION = "auto"  # as infer.py's: auto (bfloat16 on a CUDA GPU, else float32) | float32 | bfloat16
-EVAL_COMPILE_GENERATION = "auto"  # auto (a CUDA GPU, bfloat16) | true | false: static KV cache, CUDA graphs
+EVAL_COMPILE_GENERATION = "auto"  # auto (CUDA, bfloat16, 2,000 val images or more) | true | false: CUDA graphs
 # -----------------------------------------------------------------------------
 config = apply_overrides(globals(), rules=settings.TRAIN)
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation, more fits
@@ -241,7 +241,8 @@ elif processes.main and val_samples:
     model = modeling.generation_model(model, eval_dtype)  # the weights are saved
     # --torch_compile's layers were compiled for training's shapes: generation's would only recompile them, so with
     # it generation is eager
-    compile_generation = modeling.compiles_generation(EVAL_COMPILE_GENERATION, DEVICE, eval_dtype) and not TORCH_COMPILE
+    compile_generation = modeling.compiles_generation(EVAL_COMPILE_GENERATION, DEVICE, eval_dtype,
+                                                      len(val_samples)) and not TORCH_COMPILE
     if compile_generation and on_gpu:
         print("eval: static KV cache, the decode steps as CUDA graphs (each new cache length compiles first, about "
               "half a minute; --eval_compile_generation=false generates eagerly)")

@@ -106,19 +106,23 @@ class Predictor:
     image_sizing: dict
     description: str  # what was loaded, for the user: "tiny-random + adapter output/...", "... (whole model)"
     train_config: dict
-    compile_generation: bool  # a static KV cache, and CUDA graphs for the decode steps on a GPU (modeling.predict)
+    compile_setting: str  # auto | true | false: a static KV cache, the decode steps as CUDA graphs (modeling.predict)
+
+    def compiles(self, images: int) -> bool:
+        """Whether predicting `images` images compiles (modeling.compiles_generation)."""
+        return modeling.compiles_generation(self.compile_setting, str(self.model.device), self.model.dtype, images)
 
     def predict(self, images: list, batch_size: int = 64, max_new_tokens: int = 256,
                 show_progress: bool = True) -> list[str]:
         return modeling.predict(self.model, self.processor, images, self.prompt, self.image_sizing, batch_size,
-                                max_new_tokens, show_progress, self.compile_generation)
+                                max_new_tokens, show_progress, self.compiles(len(images)))
 
 
 def load(output_dir: str | Path, adapter: str = "", model_id: str = "", precision: str = "auto",
          device: str = "auto", compile_generation: str = "false") -> Predictor:
     """The run in output_dir ready to predict. adapter: another adapter folder, or "none" for the base model alone;
-    model_id: another base model than the one training recorded; compile_generation: auto (a CUDA GPU, bf16) | true |
-    false."""
+    model_id: another base model than the one training recorded; compile_generation: auto (a CUDA GPU, bf16, and
+    COMPILE_PAYS_FROM images or more in a predict call) | true | false."""
     train_config = read_train_config(output_dir)
     whole = holds_whole_model(output_dir)
     use_adapter = adapter.lower() != "none" and not whole
@@ -137,13 +141,15 @@ def load(output_dir: str | Path, adapter: str = "", model_id: str = "", precisio
     if use_adapter:
         model = modeling.load_adapter(model, adapter_dir, model_id)
     model = modeling.generation_model(model, dtype)
-    compiled = modeling.compiles_generation(compile_generation, device, dtype)
-    generation = (", static KV cache" + (" and CUDA graphs" if device.startswith("cuda") else "")) if compiled else ""
+    generation = ""
+    if modeling.compiles_generation(compile_generation, device, dtype, modeling.COMPILE_PAYS_FROM):
+        generation = ", static KV cache" + (" and CUDA graphs" if device.startswith("cuda") else "") + (
+            f" from {modeling.COMPILE_PAYS_FROM:,} images on" if compile_generation == "auto" else "")
     in_dtype = str(dtype).removeprefix("torch.")
     description = model_id + (f" + adapter {adapter_dir}" if use_adapter else " (whole model)" if whole
                               else " (no adapter)") + f" on {device}, in {in_dtype}{generation}"
     return Predictor(model, processor, train_config["prompt"], chat.recorded_sizing(train_config), description,
-                     train_config, compiled)
+                     train_config, compile_generation)
 
 
 # --- export.py's folder ------------------------------------------------------

@@ -114,10 +114,24 @@ def test_batches_compile_once_per_shape_the_buckets_promise(tiny_model_dir, monk
 
 def test_the_setting_compiles_on_a_gpu_when_auto():
     bf16, fp32 = torch.bfloat16, torch.float32
-    assert modeling.compiles_generation("auto", "cuda", bf16) and modeling.compiles_generation("auto", "cuda:1", bf16)
-    assert not modeling.compiles_generation("auto", "cpu", bf16)
-    assert not modeling.compiles_generation("auto", "cuda", fp32)  # where compiling did not pay
-    assert modeling.compiles_generation("true", "cpu", fp32) and not modeling.compiles_generation("false", "cuda", bf16)
+    many, few = modeling.COMPILE_PAYS_FROM, modeling.COMPILE_PAYS_FROM - 1
+    assert modeling.compiles_generation("auto", "cuda", bf16, many)
+    assert modeling.compiles_generation("auto", "cuda:1", bf16, many)
+    assert not modeling.compiles_generation("auto", "cuda", bf16, few)  # eager finishes first: the compiling costs more
+    assert not modeling.compiles_generation("auto", "cpu", bf16, many)
+    assert not modeling.compiles_generation("auto", "cuda", fp32, many)  # where compiling did not pay
+    assert modeling.compiles_generation("true", "cpu", fp32, 1) and not modeling.compiles_generation("false", "cuda",
+                                                                                                    bf16, many)
+
+
+def test_a_loaded_run_compiles_by_its_setting_and_the_number_of_images(model_and_processor):
+    from latexocr.predictor import Predictor
+    model, processor = model_and_processor
+    run = dict(model=model, processor=processor, prompt=chat.PROMPT, image_sizing=chat.sizing(), description="",
+               train_config={})
+    assert not Predictor(**run, compile_setting="auto").compiles(modeling.COMPILE_PAYS_FROM)  # fp32, on a CPU
+    assert Predictor(**run, compile_setting="true").compiles(1)
+    assert not Predictor(**run, compile_setting="false").compiles(modeling.COMPILE_PAYS_FROM)
 
 
 @pytest.mark.gpu
