@@ -236,7 +236,7 @@ if processes.main and val_samples and sharded:
     print(f"eval: skipped, with --distributed={DISTRIBUTED} no process holds the whole model; "
           f"score it with: python infer.py --output_dir={OUTPUT_DIR}")
 elif processes.main and val_samples:
-    runtime.drop_optimizer_state(trainer)  # AdamW's moments go, to make room for the fp32 weights
+    runtime.drop_optimizer_state(trainer)  # AdamW's moments go, to make room for the generation weights
     eval_dtype = modeling.generation_dtype(EVAL_PRECISION, DEVICE)
     model = modeling.generation_model(model, eval_dtype)  # the weights are saved
     # --torch_compile's layers were compiled for training's shapes: generation's would only recompile them, so with
