@@ -51,6 +51,7 @@ config = apply_overrides(globals())
 
 import torch  # noqa: E402
 
+from bench import workload  # noqa: E402
 from latexocr import metrics, modeling, render, synth, tiny  # noqa: E402
 from latexocr.data import read_conversations, write_conversations  # noqa: E402
 
@@ -198,8 +199,8 @@ plot(trained["curve"], points, results_dir / "curve.png")
 
 # --- summary -----------------------------------------------------------------
 summary = dict(
-    date=time.strftime("%Y-%m-%d"), device=torch.cuda.get_device_name() if on_gpu else "cpu",
-    versions=run_config["versions"], settings={k: v for k, v in config.items() if k != "formulas_path"},
+    **workload.machine(on_gpu), versions=run_config["versions"],
+    settings={k: v for k, v in config.items() if k != "formulas_path"},
     dimensions=SPEEDRUN_DIMENSIONS, parameters=parameters, train_samples=len(train), test_samples=len(test),
     left_out_as_held_out=left_out, held_out_bleu=final["bleu"], held_out_exact_match=final["exact_match"],
     held_out_edit_distance=final["edit_distance"], steady_samples_per_s=trained["steady_samples_per_s"],

@@ -46,6 +46,7 @@ import torch  # noqa: E402
 from bench import workload  # noqa: E402
 from latexocr import chat, modeling  # noqa: E402
 from latexocr.data import read_conversations  # noqa: E402
+from latexocr.engine import runtime  # noqa: E402
 
 on_gpu = torch.cuda.is_available() and not TINY
 if not on_gpu and not TINY:
@@ -123,9 +124,7 @@ for mode in modes:
           f"step, first call {first_s:.1f} s")
 
 # --- save and summary --------------------------------------------------------
-results = dict(environment=dict(device=torch.cuda.get_device_name() if on_gpu else "cpu",
-                                date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
-                                transformers=__import__("transformers").__version__),
+results = dict(environment=dict(**workload.machine(on_gpu), **runtime.versions()),
                model_dir=str(model_dir), images=len(images), batch_size=BATCH_SIZE, new_tokens=NEW_TOKENS,
                repeats=REPEATS, cache_length_multiple=modeling.CACHE_LENGTH_MULTIPLE, rows=rows)
 (results_dir / "generation.json").write_text(json.dumps(results, indent=1) + "\n")

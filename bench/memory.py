@@ -39,6 +39,7 @@ config = apply_overrides(globals())
 import torch  # noqa: E402
 
 from bench import workload  # noqa: E402
+from latexocr.engine import runtime  # noqa: E402
 
 # --- setup -------------------------------------------------------------------
 results_dir = (ROOT / RESULTS_DIR).resolve()
@@ -52,8 +53,7 @@ if TINY:
 model_dir = workload.model_folder(results_dir, TINY)
 train_json = workload.train_json(results_dir, SAMPLES, FORMULAS_PATH)
 caps = ([0.0] if WHOLE_GPU or not CAP_GIB else []) + ([CAP_GIB] if CAP_GIB and on_gpu else [])
-environment = dict(device=torch.cuda.get_device_name() if on_gpu else "cpu", date=time.strftime("%Y-%m-%d"),
-                   torch=torch.__version__, transformers=__import__("transformers").__version__)
+environment = dict(**workload.machine(on_gpu), **runtime.versions())
 results_path = results_dir / "memory.json"
 rows = json.loads(results_path.read_text())["rows"] if results_path.is_file() else []
 

@@ -262,8 +262,7 @@ if TINY:
     SAMPLES, MAX_STEPS, WARMUP_STEPS, LOGGING_STEPS, NUM_WORKERS = 48, 3, 1, 1, 0
 results_path = results_dir / "peers.json"
 results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-results["environment"] = dict(device=torch.cuda.get_device_name() if on_gpu else "cpu", date=time.strftime("%Y-%m-%d"),
-                              samples=SAMPLES, train_py_versions=runtime.versions())
+results["environment"] = dict(**workload.machine(on_gpu), samples=SAMPLES, train_py_versions=runtime.versions())
 rows = results.setdefault("rows", {})
 
 # --- model and data ----------------------------------------------------------

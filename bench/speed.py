@@ -49,6 +49,7 @@ from bench import workload  # noqa: E402
 from bench.tutorial_recipe import predict_tutorial, train_tutorial  # noqa: E402
 from latexocr import chat, modeling  # noqa: E402
 from latexocr.data import Sample, read_conversations  # noqa: E402
+from latexocr.engine import runtime  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
 PEAK_FLOPS = 790e12  # H200 dense bf16
@@ -114,9 +115,7 @@ if TINY:
     EPOCH_STEPS = 2 * -(-SAMPLES // 16)
 results_path = results_dir / "bench.json"
 results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-results["environment"] = dict(device=torch.cuda.get_device_name() if on_gpu else "cpu", date=time.strftime("%Y-%m-%d"),
-                              torch=torch.__version__, transformers=__import__("transformers").__version__,
-                              peft=__import__("peft").__version__, samples=SAMPLES)
+results["environment"] = dict(**workload.machine(on_gpu), **runtime.versions(), samples=SAMPLES)
 
 # --- model and data ----------------------------------------------------------
 model_dir = workload.model_folder(results_dir, TINY, TOKENIZER)

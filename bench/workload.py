@@ -6,6 +6,7 @@ measure the same work: the Qwen2-VL-2B shape with random weights (compute and me
 the values) and samples rendered from real LaTeX_OCR formulas.
 """
 
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +19,11 @@ from latexocr.data import write_conversations
 GENERATION_MODES = {"float32": ("float32", False, False), "float32_compiled": ("float32", False, True),
                     "tfloat32": ("float32", True, False), "tfloat32_compiled": ("float32", True, True),
                     "bfloat16": ("bfloat16", False, False), "bfloat16_compiled": ("bfloat16", False, True)}
+
+
+def machine(on_gpu: bool) -> dict:
+    """Where and when a benchmark ran, for its results: the GPU's name (or "cpu") and the date."""
+    return dict(device=torch.cuda.get_device_name() if on_gpu else "cpu", date=time.strftime("%Y-%m-%d"))
 
 
 def generation_modes(names: str) -> list[str]:
