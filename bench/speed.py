@@ -69,19 +69,22 @@ def patches_per_sample(samples: list[tuple[Path, str]], image_sizing: dict) -> f
     return sum((w // 14) * (h // 14) for w, h in sizes) / len(sizes)
 
 
-def real_tokens_per_sample(samples: list[tuple[Path, str]], image_sizing: dict) -> float:
-    """Tokens per sample without padding (image, template, prompt, answer): the work a step must do."""
-    collator = chat.TrainCollator(processor, chat.PROMPT, image_sizing)
-    return sum(collator([Sample(str(j), *samples[j])])["input_ids"].numel() for j in range(len(samples))) / len(samples)
+_lengths = {}  # the image sizing -> each sample's tokens, encoded once for every row that sizes images so
 
 
-def padded_tokens_per_sample(samples: list[tuple[Path, str]], image_sizing: dict) -> float:
-    """Tokens per sample in right-padded batches of 16, as train.py forms them (shuffled, seeded)."""
-    collator = chat.TrainCollator(processor, chat.PROMPT, image_sizing)
+def tokens_per_sample(samples: list[tuple[Path, str]], image_sizing: dict) -> tuple[float, float]:
+    """Tokens per sample without padding (image, template, prompt, answer: the work a step must do), and in
+    right-padded batches of 16 as train.py forms them (shuffled, seeded; the first 8 batches), where each batch
+    is as long as its longest sample."""
+    key = tuple(sorted(image_sizing.items()))
+    if key not in _lengths:
+        collator = chat.TrainCollator(processor, chat.PROMPT, image_sizing)
+        _lengths[key] = [collator([Sample(str(j), *sample)])["input_ids"].numel() for j, sample in enumerate(samples)]
+    lengths = _lengths[key]
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(42)).tolist()
     batches = [order[i:i + 16] for i in range(0, min(len(order), 16 * 8), 16)]
-    tokens = sum(collator([Sample(str(j), *samples[j]) for j in b])["input_ids"].numel() for b in batches)
-    return tokens / sum(len(b) for b in batches)
+    padded = sum(len(batch) * max(lengths[j] for j in batch) for batch in batches) / sum(map(len, batches))
+    return sum(lengths) / len(lengths), padded
 
 
 def run_train_py(name: str, *flags: str, steps: int = 0) -> dict:
@@ -145,8 +148,7 @@ for name, flags in [("ours_tutorial_size", ["--image_size=500x100"]), ("ours", [
         if "failed" not in result:
             sizing = tutorial_sizing if "--image_size=500x100" in flags else chat.sizing()
             result["patches_per_sample"] = patches_per_sample(samples, sizing)
-            result["tokens_per_sample"] = padded_tokens_per_sample(samples, sizing)
-            result["real_tokens_per_sample"] = real_tokens_per_sample(samples, sizing)
+            result["real_tokens_per_sample"], result["tokens_per_sample"] = tokens_per_sample(samples, sizing)
         results_path.write_text(json.dumps(results, indent=1) + "\n")
 for name in ("tutorial", "ours_tutorial_size", "ours", "ours_compiled", "ours_24gib", "ours_12gib"):
     if name in results and "failed" not in results[name]:
